@@ -1,0 +1,177 @@
+//! The SwiGLU expert feed-forward: `down(silu(gate(x)) * up(x))`.
+
+use candle_core::{D, Tensor};
+
+use crate::ModelError;
+
+/// How the matrix products are arranged. Both compute the same function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatmulLayout {
+    /// `W · xᵀ`, transposed back at the end. On a 2-core AMD EPYC with candle's gemm this
+    /// was 1.4-2.2x faster than [`MatmulLayout::InputLeft`] at batches of 4 to 16 tokens;
+    /// `expertnet-sim bench expert` measures both.
+    #[default]
+    WeightsLeft,
+    /// `x · Wᵀ`, as `candle_nn::Linear` computes it.
+    InputLeft,
+}
+
+/// One expert's weights in the compute dtype.
+#[derive(Debug, Clone)]
+pub struct Expert {
+    /// `[ffn, hidden]`
+    gate: Tensor,
+    /// `[ffn, hidden]`
+    up: Tensor,
+    /// `[hidden, ffn]`
+    down: Tensor,
+    layout: MatmulLayout,
+}
+
+impl Expert {
+    /// Builds an expert from its three weights.
+    ///
+    /// # Errors
+    /// [`ModelError::Shape`] unless `gate` and `up` are `[ffn, hidden]` and `down` is
+    /// `[hidden, ffn]` with the same dtype.
+    pub fn new(gate: Tensor, up: Tensor, down: Tensor) -> Result<Self, ModelError> {
+        let (ffn, hidden) = gate.dims2()?;
+        let expect = |name: &str, tensor: &Tensor, shape: [usize; 2]| {
+            if tensor.dims() != shape || tensor.dtype() != gate.dtype() {
+                return Err(ModelError::Shape {
+                    name: name.to_owned(),
+                    expected: shape.to_vec(),
+                    actual: tensor.dims().to_vec(),
+                });
+            }
+            Ok(())
+        };
+        expect("up", &up, [ffn, hidden])?;
+        expect("down", &down, [hidden, ffn])?;
+
+        Ok(Self {
+            gate: gate.contiguous()?,
+            up: up.contiguous()?,
+            down: down.contiguous()?,
+            layout: MatmulLayout::default(),
+        })
+    }
+
+    /// Selects the matrix product arrangement.
+    pub fn with_layout(mut self, layout: MatmulLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.down.dims()[0]
+    }
+
+    pub fn ffn_size(&self) -> usize {
+        self.gate.dims()[0]
+    }
+
+    pub fn dtype(&self) -> candle_core::DType {
+        self.gate.dtype()
+    }
+
+    /// Applies the expert to `x` of shape `[tokens, hidden]` in the compute dtype and
+    /// returns `[tokens, hidden]`.
+    ///
+    /// # Errors
+    /// A candle error when `x` has another width or dtype.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.layout {
+            MatmulLayout::WeightsLeft => {
+                let xt = x.t()?.contiguous()?;
+                let gate = self.gate.matmul(&xt)?;
+                let up = self.up.matmul(&xt)?;
+                let activated = (candle_nn::ops::silu(&gate)? * up)?;
+                self.down.matmul(&activated)?.t()?.contiguous()
+            }
+            MatmulLayout::InputLeft => {
+                let gate = x.matmul(&self.gate.t()?)?;
+                let up = x.matmul(&self.up.t()?)?;
+                let activated = (candle_nn::ops::silu(&gate)? * up)?;
+                activated.matmul(&self.down.t()?)
+            }
+        }
+    }
+}
+
+/// Per-row relative error: for each row, `max |a - b| / max |b|`, and the maximum over rows.
+/// A row of `b` that is all zeros compares by absolute error.
+///
+/// # Errors
+/// A candle error when the shapes differ.
+pub fn max_row_relative_error(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+    let a = a.to_dtype(candle_core::DType::F32)?;
+    let b = b.to_dtype(candle_core::DType::F32)?;
+    let difference = (a - &b)?.abs()?.max(D::Minus1)?.to_vec1::<f32>()?;
+    let scale = b.abs()?.max(D::Minus1)?.to_vec1::<f32>()?;
+    Ok(difference
+        .iter()
+        .zip(&scale)
+        .map(|(&d, &s)| if s > 0.0 { d / s } else { d })
+        .fold(0.0, f32::max))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn matrix(rows: usize, columns: usize, seed: f32) -> Tensor {
+        let values: Vec<f32> = (0..rows * columns)
+            .map(|i| ((i as f32 * 0.37 + seed).sin()) * 0.5)
+            .collect();
+        Tensor::from_vec(values, (rows, columns), &Device::Cpu).unwrap()
+    }
+
+    fn naive_swiglu(x: &[f32], gate: &[f32], up: &[f32], down: &[f32], h: usize, f: usize) -> Vec<f32> {
+        let mut hidden = vec![0.0f32; f];
+        for j in 0..f {
+            let g: f32 = (0..h).map(|k| gate[j * h + k] * x[k]).sum();
+            let u: f32 = (0..h).map(|k| up[j * h + k] * x[k]).sum();
+            hidden[j] = g / (1.0 + (-g).exp()) * u;
+        }
+        (0..h)
+            .map(|i| (0..f).map(|j| down[i * f + j] * hidden[j]).sum())
+            .collect()
+    }
+
+    #[test]
+    fn forward_matches_naive_loop_for_both_layouts() {
+        let (h, f, tokens) = (8, 12, 5);
+        let gate = matrix(f, h, 0.1);
+        let up = matrix(f, h, 0.7);
+        let down = matrix(h, f, 1.3);
+        let x = matrix(tokens, h, 2.1);
+
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let xs = flat(&x);
+        let expected: Vec<f32> = (0..tokens)
+            .flat_map(|t| {
+                naive_swiglu(&xs[t * h..(t + 1) * h], &flat(&gate), &flat(&up), &flat(&down), h, f)
+            })
+            .collect();
+        let expected = Tensor::from_vec(expected, (tokens, h), &Device::Cpu).unwrap();
+
+        for layout in [MatmulLayout::WeightsLeft, MatmulLayout::InputLeft] {
+            let expert = Expert::new(gate.clone(), up.clone(), down.clone())
+                .unwrap()
+                .with_layout(layout);
+            let y = expert.forward(&x).unwrap();
+            assert_eq!(y.dims(), &[tokens, h]);
+            let error = max_row_relative_error(&y, &expected).unwrap();
+            assert!(error < 1e-5, "{layout:?}: relative error {error}");
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_rejected() {
+        let result = Expert::new(matrix(12, 8, 0.0), matrix(12, 8, 0.0), matrix(12, 8, 0.0));
+        assert!(matches!(result, Err(ModelError::Shape { .. })));
+    }
+}

@@ -1,0 +1,277 @@
+//! Expert computation with dynamic batching.
+//!
+//! Requests enqueue one job per expert. A dedicated compute thread takes the expert whose
+//! oldest job has waited longest, merges its queued jobs up to `max_batch_tokens` rows into
+//! one forward pass on a rayon pool, and sends each caller its rows back. While a pass runs,
+//! new requests queue up, so under load passes grow without any added wait; `batch_wait`
+//! optionally holds an idle expert's first job to gather more.
+//!
+//! The queue is bounded by `max_queued_tokens`: a request that does not fit is rejected at
+//! once, as a whole, so its caller can try another replica.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use tokio::sync::oneshot;
+
+use crate::NodeMetrics;
+use crate::host::HostedModel;
+
+/// Result of one job: the expert output rows, or why computation failed.
+pub(crate) type JobResult = Result<Tensor, String>;
+
+/// Why the queue did not accept a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SubmitError {
+    Full {
+        queued: usize,
+        requested: usize,
+        max: usize,
+    },
+    Closed,
+}
+
+struct Job {
+    input: Tensor,
+    tokens: usize,
+    enqueued: Instant,
+    reply: oneshot::Sender<JobResult>,
+}
+
+struct State {
+    /// Pending jobs per hosted expert slot.
+    queues: Vec<VecDeque<Job>>,
+    /// Slots with pending jobs, in the order they became non-empty.
+    ready: VecDeque<usize>,
+    queued_tokens: usize,
+    closing: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    max_queued_tokens: usize,
+    max_batch_tokens: usize,
+    batch_wait: Duration,
+    metrics: Arc<NodeMetrics>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The compute thread never panics while holding the lock; if a panic ever poisons
+        // it, the queue itself is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The handle through which the gRPC service submits work.
+#[derive(Clone)]
+pub(crate) struct ComputeQueue {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ComputeQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComputeQueue").finish_non_exhaustive()
+    }
+}
+
+/// Settings of the compute queue.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueSettings {
+    pub(crate) max_queued_tokens: usize,
+    pub(crate) max_batch_tokens: usize,
+    pub(crate) batch_wait: Duration,
+    pub(crate) threads: usize,
+}
+
+impl ComputeQueue {
+    /// Starts the compute thread. It runs until [`ComputeQueue::close`] is called and the
+    /// queue is empty.
+    pub(crate) fn start(
+        model: Arc<HostedModel>,
+        settings: &QueueSettings,
+        metrics: Arc<NodeMetrics>,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(settings.threads)
+            .thread_name(|i| format!("expertnet-compute-{i}"))
+            .build()
+            .map_err(std::io::Error::other)?;
+
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                queues: (0..model.experts.len()).map(|_| VecDeque::new()).collect(),
+                ready: VecDeque::new(),
+                queued_tokens: 0,
+                closing: false,
+            }),
+            wake: Condvar::new(),
+            max_queued_tokens: settings.max_queued_tokens,
+            max_batch_tokens: settings.max_batch_tokens.max(1),
+            batch_wait: settings.batch_wait,
+            metrics,
+        });
+
+        let worker = Arc::clone(&shared);
+        let handle = std::thread::Builder::new()
+            .name("expertnet-batcher".to_owned())
+            .spawn(move || run(&worker, &model, &pool))?;
+        Ok((Self { shared }, handle))
+    }
+
+    /// Enqueues one job per `(slot, input)` pair, all or none. Each input is a
+    /// `[tokens, hidden]` tensor in the compute dtype.
+    pub(crate) fn submit(
+        &self,
+        jobs: Vec<(usize, Tensor)>,
+    ) -> Result<Vec<oneshot::Receiver<JobResult>>, SubmitError> {
+        let requested: usize = jobs.iter().map(|(_, input)| input.dims()[0]).sum();
+        let mut state = self.shared.lock();
+        if state.closing {
+            return Err(SubmitError::Closed);
+        }
+        if state.queued_tokens + requested > self.shared.max_queued_tokens {
+            return Err(SubmitError::Full {
+                queued: state.queued_tokens,
+                requested,
+                max: self.shared.max_queued_tokens,
+            });
+        }
+
+        let now = Instant::now();
+        let mut receivers = Vec::with_capacity(jobs.len());
+        for (slot, input) in jobs {
+            let (reply, receiver) = oneshot::channel();
+            let tokens = input.dims()[0];
+            if state.queues[slot].is_empty() {
+                state.ready.push_back(slot);
+            }
+            state.queues[slot].push_back(Job {
+                input,
+                tokens,
+                enqueued: now,
+                reply,
+            });
+            receivers.push(receiver);
+        }
+        state.queued_tokens += requested;
+        self.shared.metrics.set_queued_tokens(state.queued_tokens);
+        drop(state);
+
+        self.shared.wake.notify_one();
+        Ok(receivers)
+    }
+
+    /// Stops accepting jobs. Jobs already queued are still computed.
+    pub(crate) fn close(&self) {
+        self.shared.lock().closing = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+fn run(shared: &Shared, model: &HostedModel, pool: &rayon::ThreadPool) {
+    while let Some((slot, jobs)) = next_batch(shared) {
+        let (live, gone): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|job| !job.reply.is_closed());
+        if !gone.is_empty() {
+            shared.metrics.record_cancelled(gone.len());
+        }
+        if live.is_empty() {
+            continue;
+        }
+
+        let tokens: usize = live.iter().map(|job| job.tokens).sum();
+        let expert = &model.experts[slot];
+        let span = tracing::debug_span!(
+            "forward_pass",
+            layer = expert.layer,
+            expert = expert.expert,
+            tokens,
+            requests = live.len()
+        );
+        let _entered = span.enter();
+
+        let result = pool.install(|| {
+            let input = if live.len() == 1 {
+                live[0].input.clone()
+            } else {
+                let inputs: Vec<&Tensor> = live.iter().map(|job| &job.input).collect();
+                Tensor::cat(&inputs, 0)?
+            };
+            expert.weights.forward(&input)
+        });
+        shared.metrics.record_pass(tokens, live.len());
+
+        match result {
+            Ok(output) => {
+                let mut offset = 0;
+                for job in live {
+                    let rows = output.narrow(0, offset, job.tokens).map_err(|e| e.to_string());
+                    offset += job.tokens;
+                    // The caller may have gone since the pass started; nothing to do then.
+                    let _ = job.reply.send(rows);
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "expert forward pass failed");
+                for job in live {
+                    let _ = job.reply.send(Err(error.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Waits for work and takes the next batch: the jobs of the slot that became ready first,
+/// up to `max_batch_tokens` rows (a single larger job forms a batch of its own). Returns
+/// `None` once the queue is closed and empty.
+fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
+    let mut state = shared.lock();
+    loop {
+        let Some(&slot) = state.ready.front() else {
+            if state.closing {
+                return None;
+            }
+            state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+            continue;
+        };
+
+        if !shared.batch_wait.is_zero() && !state.closing {
+            let queue = &state.queues[slot];
+            let pending: usize = queue.iter().map(|job| job.tokens).sum();
+            let hold_until = queue.front().map(|job| job.enqueued + shared.batch_wait);
+            if let Some(hold_until) = hold_until {
+                let now = Instant::now();
+                if pending < shared.max_batch_tokens && now < hold_until {
+                    state = shared
+                        .wake
+                        .wait_timeout(state, hold_until - now)
+                        .map(|(guard, _)| guard)
+                        .unwrap_or_else(|e| e.into_inner().0);
+                    continue;
+                }
+            }
+        }
+
+        state.ready.pop_front();
+        let mut taken = Vec::new();
+        let mut tokens = 0;
+        while let Some(front) = state.queues[slot].front() {
+            if !taken.is_empty() && tokens + front.tokens > shared.max_batch_tokens {
+                break;
+            }
+            tokens += front.tokens;
+            if let Some(job) = state.queues[slot].pop_front() {
+                taken.push(job);
+            }
+        }
+        if !state.queues[slot].is_empty() {
+            state.ready.push_back(slot);
+        }
+        state.queued_tokens -= tokens;
+        shared.metrics.set_queued_tokens(state.queued_tokens);
+        return Some((slot, taken));
+    }
+}

@@ -1,0 +1,297 @@
+//! `expertnet-node`: the daemon volunteers run to serve experts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use expertnet_model::{Checkpoint, Manifest};
+use expertnet_node::{ExpertSpec, Limits, Node, NodeConfig, NodeKey};
+use expertnet_proto::DType;
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "expertnet-node", version, about = "Serve Mixture-of-Experts experts to the expertnet network")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a new node key file (PKCS#8 PEM, mode 0600) and print its peer id.
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the peer id of a key file.
+    Id {
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Hash every expert of a checkpoint and write its manifest.
+    Manifest {
+        /// Checkpoint folder with config.json and safetensors files.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Output file [default: CHECKPOINT/expertnet-manifest.json].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace an existing manifest file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Serve experts until SIGINT or SIGTERM.
+    Run(RunArgs),
+}
+
+/// Options of `run`. Each can also be set in the TOML file given with `--config`, under the
+/// same name with underscores (`grpc_listen = "0.0.0.0:50051"`); the command line wins.
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunArgs {
+    /// TOML file with any of these options.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Checkpoint folder: config.json, the manifest and the shards that hold the hosted experts.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Manifest file [default: CHECKPOINT/expertnet-manifest.json].
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// Experts to host: LAYERS:EXPERTS items separated by commas, each side `*`, N or N-M
+    /// (examples: `0:0-3,1:*`, `*:0-1`, `*`).
+    #[arg(long)]
+    experts: Option<String>,
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long)]
+    grpc_listen: Option<SocketAddr>,
+    /// Node key file, created with mode 0600 if missing [default: ~/.local/share/expertnet/node.key].
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Threads for expert computation [default: one per core].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Dtype experts compute in: f32 or f16 [default: f32].
+    #[arg(long)]
+    compute_dtype: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Largest request or response in bytes [default: 33554432].
+    #[arg(long)]
+    max_message_bytes: Option<usize>,
+    /// Most token rows per request, summed over experts [default: 1024].
+    #[arg(long)]
+    max_tokens_per_request: Option<usize>,
+    /// Most token rows queued for computation before requests are rejected [default: 16384].
+    #[arg(long)]
+    max_queued_tokens: Option<usize>,
+    /// Most token rows in one expert forward pass [default: 256].
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
+    /// Microseconds an idle expert waits to gather a batch [default: 0].
+    #[arg(long)]
+    batch_wait_us: Option<u64>,
+    /// Seconds a shutdown waits for in-flight requests [default: 30].
+    #[arg(long)]
+    drain_timeout_secs: Option<u64>,
+}
+
+impl RunArgs {
+    /// Fills options missing on the command line from the config file.
+    fn merge(self, file: RunArgs) -> RunArgs {
+        RunArgs {
+            config: self.config,
+            checkpoint: self.checkpoint.or(file.checkpoint),
+            manifest: self.manifest.or(file.manifest),
+            experts: self.experts.or(file.experts),
+            grpc_listen: self.grpc_listen.or(file.grpc_listen),
+            key: self.key.or(file.key),
+            threads: self.threads.or(file.threads),
+            compute_dtype: self.compute_dtype.or(file.compute_dtype),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            max_message_bytes: self.max_message_bytes.or(file.max_message_bytes),
+            max_tokens_per_request: self.max_tokens_per_request.or(file.max_tokens_per_request),
+            max_queued_tokens: self.max_queued_tokens.or(file.max_queued_tokens),
+            max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
+            batch_wait_us: self.batch_wait_us.or(file.batch_wait_us),
+            drain_timeout_secs: self.drain_timeout_secs.or(file.drain_timeout_secs),
+        }
+    }
+
+    fn into_config(self) -> anyhow::Result<(NodeConfig, PathBuf)> {
+        let checkpoint = self
+            .checkpoint
+            .context("--checkpoint is required (or `checkpoint` in the --config file)")?;
+        let experts: ExpertSpec = self
+            .experts
+            .context("--experts is required (or `experts` in the --config file), for example --experts '*'")?
+            .parse()?;
+
+        let defaults = Limits::default();
+        let mut config = NodeConfig::new(checkpoint, experts);
+        config.manifest = self.manifest;
+        config.grpc_listen = self
+            .grpc_listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
+        config.metrics_listen = self.metrics_listen;
+        config.threads = self.threads;
+        config.compute_dtype = match self.compute_dtype {
+            Some(text) => text.parse::<DType>().map_err(anyhow::Error::msg)?,
+            None => DType::F32,
+        };
+        config.limits = Limits {
+            max_message_bytes: self.max_message_bytes.unwrap_or(defaults.max_message_bytes),
+            max_tokens_per_request: self
+                .max_tokens_per_request
+                .unwrap_or(defaults.max_tokens_per_request),
+            max_queued_tokens: self.max_queued_tokens.unwrap_or(defaults.max_queued_tokens),
+            max_batch_tokens: self.max_batch_tokens.unwrap_or(defaults.max_batch_tokens),
+            batch_wait: self
+                .batch_wait_us
+                .map_or(defaults.batch_wait, Duration::from_micros),
+        };
+        if let Some(seconds) = self.drain_timeout_secs {
+            config.drain_timeout = Duration::from_secs(seconds);
+        }
+
+        let key = match self.key {
+            Some(key) => key,
+            None => default_key_path()?,
+        };
+        Ok((config, key))
+    }
+}
+
+fn default_key_path() -> anyhow::Result<PathBuf> {
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
+        .context("neither XDG_DATA_HOME nor HOME is set; pass --key FILE")?;
+    Ok(data.join("expertnet").join("node.key"))
+}
+
+fn read_config_file(path: &Path) -> anyhow::Result<RunArgs> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+
+    let result = match cli.command {
+        Command::Keygen { out } => keygen(&out),
+        Command::Id { key } => NodeKey::load(&key)
+            .map(|key| println!("{}", key.peer_id()))
+            .map_err(anyhow::Error::from),
+        Command::Manifest {
+            checkpoint,
+            out,
+            force,
+        } => manifest(&checkpoint, out, force),
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn keygen(out: &Path) -> anyhow::Result<()> {
+    let key = NodeKey::generate()?;
+    key.save_new(out)?;
+    println!("{}", key.peer_id());
+    eprintln!("wrote {} (mode 0600)", out.display());
+    Ok(())
+}
+
+fn manifest(checkpoint_dir: &Path, out: Option<PathBuf>, force: bool) -> anyhow::Result<()> {
+    let out = out.unwrap_or_else(|| Manifest::path_in(checkpoint_dir));
+    if out.exists() && !force {
+        bail!(
+            "{} exists; pass --force to replace it (a new manifest changes nothing unless the weights changed)",
+            out.display()
+        );
+    }
+
+    let checkpoint = Checkpoint::open(checkpoint_dir)?;
+    let started = std::time::Instant::now();
+    let manifest = Manifest::create(&checkpoint)?;
+    manifest.save(&out)?;
+    eprintln!(
+        "hashed {} experts in {:.1} s; wrote {}",
+        manifest.expert_count(),
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    println!("{}", manifest.model_id());
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let args = match &args.config {
+        Some(path) => {
+            let file = read_config_file(path)?;
+            args.merge(file)
+        }
+        None => args,
+    };
+    let (config, key_path) = args.into_config()?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("expertnet-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let (key, created) = NodeKey::load_or_create(&key_path)?;
+        if created {
+            tracing::info!(path = %key_path.display(), peer_id = %key.peer_id(), "created a new node key");
+        }
+
+        let node = Node::start(config, key).await?;
+        wait_for_signal().await?;
+        node.shutdown().await?;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "received shutdown signal");
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.context("cannot listen for Ctrl-C")?;
+        tracing::info!("received Ctrl-C");
+    }
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! Prometheus metrics of a node, and the HTTP endpoint that serves them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+/// The node's metrics. Names carry the `expertnet_` prefix in the exposition.
+#[derive(Debug)]
+pub struct NodeMetrics {
+    registry: Registry,
+    requests: Family<CodeLabel, Counter>,
+    request_seconds: Histogram,
+    forward_passes: Counter,
+    batch_tokens: Histogram,
+    batch_requests: Histogram,
+    queued_tokens: Gauge,
+    rejections: Family<ReasonLabel, Counter>,
+    cancelled: Counter,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NodeMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("expertnet");
+        let requests = Family::<CodeLabel, Counter>::default();
+        registry.register(
+            "forward_requests",
+            "Forward requests by gRPC status code",
+            requests.clone(),
+        );
+        // 100 us to about 26 s.
+        let request_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 19));
+        registry.register(
+            "forward_request_duration_seconds",
+            "Time from receiving a Forward request to sending its response",
+            request_seconds.clone(),
+        );
+        let forward_passes = Counter::default();
+        registry.register(
+            "forward_passes",
+            "Expert forward passes, each over a batch of one or more requests",
+            forward_passes.clone(),
+        );
+        let batch_tokens = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register(
+            "batch_tokens",
+            "Token rows per expert forward pass",
+            batch_tokens.clone(),
+        );
+        let batch_requests = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        registry.register(
+            "batch_requests",
+            "Requests merged into one expert forward pass",
+            batch_requests.clone(),
+        );
+        let queued_tokens = Gauge::default();
+        registry.register(
+            "queued_tokens",
+            "Token rows waiting for computation",
+            queued_tokens.clone(),
+        );
+        let rejections = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "rejections",
+            "Requests rejected before computation, by reason",
+            rejections.clone(),
+        );
+        let cancelled = Counter::default();
+        registry.register(
+            "cancelled_jobs",
+            "Queued expert jobs dropped because their caller gave up or the deadline passed",
+            cancelled.clone(),
+        );
+
+        Self {
+            registry,
+            requests,
+            request_seconds,
+            forward_passes,
+            batch_tokens,
+            batch_requests,
+            queued_tokens,
+            rejections,
+            cancelled,
+        }
+    }
+
+    pub(crate) fn record_request(&self, code: tonic::Code, seconds: f64) {
+        self.requests
+            .get_or_create(&CodeLabel {
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.request_seconds.observe(seconds);
+    }
+
+    pub(crate) fn record_rejection(&self, reason: &str) {
+        self.rejections
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn record_pass(&self, tokens: usize, requests: usize) {
+        self.forward_passes.inc();
+        self.batch_tokens.observe(tokens as f64);
+        self.batch_requests.observe(requests as f64);
+    }
+
+    pub(crate) fn set_queued_tokens(&self, tokens: usize) {
+        self.queued_tokens.set(tokens as i64);
+    }
+
+    pub(crate) fn record_cancelled(&self, jobs: usize) {
+        self.cancelled.inc_by(jobs as u64);
+    }
+
+    /// Expert forward passes so far.
+    pub fn forward_passes(&self) -> u64 {
+        self.forward_passes.get()
+    }
+
+    /// Forward requests answered with status `code` so far.
+    pub fn requests_with_code(&self, code: tonic::Code) -> u64 {
+        self.requests
+            .get(&CodeLabel {
+                code: format!("{code:?}"),
+            })
+            .map_or(0, |counter| counter.get())
+    }
+
+    /// Requests rejected for `reason` so far, such as `queue_full` or `non_finite_input`.
+    pub fn rejections(&self, reason: &str) -> u64 {
+        self.rejections
+            .get(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .map_or(0, |counter| counter.get())
+    }
+
+    /// The metrics in the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` until `shutdown` changes.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    metrics: Arc<NodeMetrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                tracing::debug!(%error, "metrics accept failed");
+                continue;
+            }
+        };
+
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let metrics = Arc::clone(&metrics);
+                async move { Ok::<_, std::convert::Infallible>(respond(&request, &metrics)) }
+            });
+            let connection =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "metrics connection failed");
+            }
+        });
+    }
+}
+
+fn respond(request: &Request<hyper::body::Incoming>, metrics: &NodeMetrics) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = if request.uri().path() == "/metrics" {
+        (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        )
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found; metrics are at /metrics\n".to_owned(),
+        )
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// Binds the metrics listener.
+pub(crate) async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(address).await
+}
