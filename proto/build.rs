@@ -1,7 +1,10 @@
 //! Compiles the `.proto` files with `protox`, so building needs no `protoc` binary.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/expertnet/v1/expert.proto"];
+    let files = [
+        "proto/expertnet/v1/expert.proto",
+        "proto/expertnet/v1/bench.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -105,10 +105,11 @@ impl Checkpoint {
             path: config_path.clone(),
             source,
         })?;
-        let config = ModelConfig::from_json(&config_bytes).map_err(|reason| ModelError::Config {
-            path: config_path.clone(),
-            reason,
-        })?;
+        let config =
+            ModelConfig::from_json(&config_bytes).map_err(|reason| ModelError::Config {
+                path: config_path.clone(),
+                reason,
+            })?;
         let family = config.family().ok_or_else(|| ModelError::Config {
             path: config_path,
             reason: format!("model_type {:?} is not supported", config.model_type),
@@ -261,7 +262,9 @@ impl Checkpoint {
     /// # Errors
     /// As [`Checkpoint::expert_tensors`].
     pub fn expert_digest(&self, layer: u32, expert: u32) -> Result<Digest, ModelError> {
-        Ok(crate::manifest::digest_expert(&self.expert_tensors(layer, expert)?))
+        Ok(crate::manifest::digest_expert(
+            &self.expert_tensors(layer, expert)?,
+        ))
     }
 
     /// Loads one expert for computation in `compute_dtype`.
@@ -324,12 +327,13 @@ impl Shard {
         #[allow(unsafe_code)]
         let mmap = unsafe { Mmap::map(&file) }.map_err(io_error)?;
 
-        let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(
-            |error| ModelError::Safetensors {
-                path: path.to_owned(),
-                reason: error.to_string(),
-            },
-        )?;
+        let (header_len, metadata) =
+            safetensors::SafeTensors::read_metadata(&mmap).map_err(|error| {
+                ModelError::Safetensors {
+                    path: path.to_owned(),
+                    reason: error.to_string(),
+                }
+            })?;
         Ok(Self {
             path: path.to_owned(),
             mmap,

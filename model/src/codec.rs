@@ -72,7 +72,11 @@ fn le_bytes<T, const N: usize>(values: Vec<T>, to_bytes: fn(T) -> [u8; N]) -> Ve
 ///
 /// # Errors
 /// [`ModelError::Codec`] when `values` does not fill `shape`.
-pub fn wire_from_f32(values: &[f32], shape: &[usize], dtype: DType) -> Result<WireTensor, ModelError> {
+pub fn wire_from_f32(
+    values: &[f32],
+    shape: &[usize],
+    dtype: DType,
+) -> Result<WireTensor, ModelError> {
     let data = match dtype {
         DType::F32 => le_bytes(values.to_vec(), f32::to_le_bytes),
         DType::BF16 => le_bytes(

@@ -191,12 +191,12 @@ impl ModelConfig {
 
         let heads = self.num_attention_heads;
         let kv_heads = self.num_key_value_heads();
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(format!(
                 "num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(heads) {
             return Err(format!(
                 "hidden_size ({}) is not a multiple of num_attention_heads ({heads}); set head_dim",
                 self.hidden_size
@@ -248,7 +248,7 @@ impl ModelConfig {
         match self.family() {
             Some(Family::Qwen2Moe | Family::Qwen3Moe) => {
                 let step = self.decoder_sparse_step.unwrap_or(1).max(1);
-                !self.mlp_only_layers.contains(&layer) && (layer + 1) % step == 0
+                !self.mlp_only_layers.contains(&layer) && (layer + 1).is_multiple_of(step)
             }
             _ => true,
         }

@@ -3,6 +3,7 @@
 use candle_core::{D, Tensor};
 
 use crate::ModelError;
+use crate::kernels::{SiluMul, SmallBatchMatmul};
 
 /// How the matrix products are arranged. Both compute the same function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -26,7 +27,12 @@ pub struct Expert {
     /// `[hidden, ffn]`
     down: Tensor,
     layout: MatmulLayout,
+    /// Batches of at most this many tokens use [`SmallBatchMatmul`] (f32 only).
+    small_batch_max: usize,
 }
+
+/// Default for [`Expert::with_small_batch_max`].
+pub const SMALL_BATCH_MAX: usize = 4;
 
 impl Expert {
     /// Builds an expert from its three weights.
@@ -54,12 +60,19 @@ impl Expert {
             up: up.contiguous()?,
             down: down.contiguous()?,
             layout: MatmulLayout::default(),
+            small_batch_max: SMALL_BATCH_MAX,
         })
     }
 
     /// Selects the matrix product arrangement.
     pub fn with_layout(mut self, layout: MatmulLayout) -> Self {
         self.layout = layout;
+        self
+    }
+
+    /// Sets the largest batch computed with the small-batch kernel; 0 turns it off.
+    pub fn with_small_batch_max(mut self, tokens: usize) -> Self {
+        self.small_batch_max = tokens;
         self
     }
 
@@ -81,18 +94,27 @@ impl Expert {
     /// # Errors
     /// A candle error when `x` has another width or dtype.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let tokens = x.dims().first().copied().unwrap_or(0);
+        if tokens <= self.small_batch_max && self.gate.dtype() == candle_core::DType::F32 {
+            let x = x.contiguous()?;
+            let gate = x.apply_op2_no_bwd(&self.gate, &SmallBatchMatmul)?;
+            let up = x.apply_op2_no_bwd(&self.up, &SmallBatchMatmul)?;
+            let activated = gate.apply_op2_no_bwd(&up, &SiluMul)?;
+            return activated.apply_op2_no_bwd(&self.down, &SmallBatchMatmul);
+        }
+
         match self.layout {
             MatmulLayout::WeightsLeft => {
                 let xt = x.t()?.contiguous()?;
                 let gate = self.gate.matmul(&xt)?;
                 let up = self.up.matmul(&xt)?;
-                let activated = (candle_nn::ops::silu(&gate)? * up)?;
+                let activated = gate.apply_op2_no_bwd(&up, &SiluMul)?;
                 self.down.matmul(&activated)?.t()?.contiguous()
             }
             MatmulLayout::InputLeft => {
                 let gate = x.matmul(&self.gate.t()?)?;
                 let up = x.matmul(&self.up.t()?)?;
-                let activated = (candle_nn::ops::silu(&gate)? * up)?;
+                let activated = gate.apply_op2_no_bwd(&up, &SiluMul)?;
                 activated.matmul(&self.down.t()?)
             }
         }
@@ -129,7 +151,14 @@ mod tests {
         Tensor::from_vec(values, (rows, columns), &Device::Cpu).unwrap()
     }
 
-    fn naive_swiglu(x: &[f32], gate: &[f32], up: &[f32], down: &[f32], h: usize, f: usize) -> Vec<f32> {
+    fn naive_swiglu(
+        x: &[f32],
+        gate: &[f32],
+        up: &[f32],
+        down: &[f32],
+        h: usize,
+        f: usize,
+    ) -> Vec<f32> {
         let mut hidden = vec![0.0f32; f];
         for j in 0..f {
             let g: f32 = (0..h).map(|k| gate[j * h + k] * x[k]).sum();
@@ -153,19 +182,35 @@ mod tests {
         let xs = flat(&x);
         let expected: Vec<f32> = (0..tokens)
             .flat_map(|t| {
-                naive_swiglu(&xs[t * h..(t + 1) * h], &flat(&gate), &flat(&up), &flat(&down), h, f)
+                naive_swiglu(
+                    &xs[t * h..(t + 1) * h],
+                    &flat(&gate),
+                    &flat(&up),
+                    &flat(&down),
+                    h,
+                    f,
+                )
             })
             .collect();
         let expected = Tensor::from_vec(expected, (tokens, h), &Device::Cpu).unwrap();
 
-        for layout in [MatmulLayout::WeightsLeft, MatmulLayout::InputLeft] {
+        let variants = [
+            (MatmulLayout::WeightsLeft, 0),
+            (MatmulLayout::InputLeft, 0),
+            (MatmulLayout::WeightsLeft, tokens),
+        ];
+        for (layout, small_batch_max) in variants {
             let expert = Expert::new(gate.clone(), up.clone(), down.clone())
                 .unwrap()
-                .with_layout(layout);
+                .with_layout(layout)
+                .with_small_batch_max(small_batch_max);
             let y = expert.forward(&x).unwrap();
             assert_eq!(y.dims(), &[tokens, h]);
             let error = max_row_relative_error(&y, &expected).unwrap();
-            assert!(error < 1e-5, "{layout:?}: relative error {error}");
+            assert!(
+                error < 1e-5,
+                "{layout:?} {small_batch_max}: relative error {error}"
+            );
         }
     }
 

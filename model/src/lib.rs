@@ -21,14 +21,16 @@ pub mod codec;
 mod config;
 mod expert;
 pub mod generate;
+mod kernels;
 pub mod layout;
 mod manifest;
+pub mod rng;
 
 use std::path::PathBuf;
 
 pub use checkpoint::{Checkpoint, TensorRef};
 pub use config::{Family, ModelConfig};
-pub use expert::{Expert, MatmulLayout, max_row_relative_error};
+pub use expert::{Expert, MatmulLayout, SMALL_BATCH_MAX, max_row_relative_error};
 pub use expertnet_proto::Digest;
 pub use generate::{GeneratorOptions, generate_checkpoint};
 pub use manifest::{MANIFEST_FILE, Manifest};
@@ -48,9 +50,7 @@ pub enum ModelError {
     Config { path: PathBuf, reason: String },
     #[error("invalid tensor index {path}: {reason}")]
     Index { path: PathBuf, reason: String },
-    #[error(
-        "no weights in {dir}: expected model.safetensors or model.safetensors.index.json"
-    )]
+    #[error("no weights in {dir}: expected model.safetensors or model.safetensors.index.json")]
     NoWeights { dir: PathBuf },
     #[error("tensor {name} not found in checkpoint {dir}")]
     MissingTensor { name: String, dir: PathBuf },

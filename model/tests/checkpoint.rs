@@ -1,5 +1,7 @@
 //! Generated checkpoints read back through the same code that reads real ones.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use candle_core::{DType as CandleDType, Device, Tensor};
 use expertnet_model::layout::{ExpertRole, expert_tensor_name};
 use expertnet_model::{
@@ -151,7 +153,14 @@ fn altered_expert_fails_verification() {
     manifest.verify_expert(&checkpoint, 1, 1).unwrap();
     let error = manifest.verify_expert(&checkpoint, 1, 2).unwrap_err();
     assert!(
-        matches!(error, ModelError::DigestMismatch { layer: 1, expert: 2, .. }),
+        matches!(
+            error,
+            ModelError::DigestMismatch {
+                layer: 1,
+                expert: 2,
+                ..
+            }
+        ),
         "{error}"
     );
     assert!(error.to_string().contains("layer 1 expert 2"), "{error}");
@@ -190,7 +199,11 @@ fn bad_folders_give_clear_errors() {
 
     let dir = tempfile::tempdir().unwrap();
     generate_checkpoint(dir.path(), &small(Family::Mixtral, DType::F32)).unwrap();
-    std::fs::write(dir.path().join("model.safetensors"), b"not a safetensors file").unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"not a safetensors file",
+    )
+    .unwrap();
     let error = Checkpoint::open(dir.path()).unwrap_err();
     assert!(matches!(error, ModelError::Safetensors { .. }), "{error}");
 
@@ -198,8 +211,14 @@ fn bad_folders_give_clear_errors() {
     generate_checkpoint(dir.path(), &small(Family::Mixtral, DType::F32)).unwrap();
     std::fs::remove_file(Manifest::path_in(dir.path())).unwrap();
     let error = Manifest::load(&Manifest::path_in(dir.path())).unwrap_err();
-    assert!(error.to_string().contains("expertnet-node manifest"), "{error}");
+    assert!(
+        error.to_string().contains("expertnet-node manifest"),
+        "{error}"
+    );
 
     let error = generate_checkpoint(dir.path(), &small(Family::Mixtral, DType::F32)).unwrap_err();
-    assert!(error.to_string().contains("already holds a checkpoint"), "{error}");
+    assert!(
+        error.to_string().contains("already holds a checkpoint"),
+        "{error}"
+    );
 }

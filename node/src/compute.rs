@@ -1,10 +1,12 @@
 //! Expert computation with dynamic batching.
 //!
-//! Requests enqueue one job per expert. A dedicated compute thread takes the expert whose
-//! oldest job has waited longest, merges its queued jobs up to `max_batch_tokens` rows into
-//! one forward pass on a rayon pool, and sends each caller its rows back. While a pass runs,
-//! new requests queue up, so under load passes grow without any added wait; `batch_wait`
-//! optionally holds an idle expert's first job to gather more.
+//! Requests enqueue one job per expert. When the queue goes from idle to busy, a drain task
+//! starts on the compute pool; it repeatedly takes the expert whose oldest job has waited
+//! longest, merges that expert's queued jobs up to `max_batch_tokens` rows into one
+//! forward pass, and sends each caller its rows back, until the queue is empty. While a
+//! pass runs, new requests queue up, so under load passes grow without any added wait;
+//! `batch_wait` optionally holds an idle expert's first job to gather more. One pass runs
+//! at a time and uses every thread of the pool.
 //!
 //! The queue is bounded by `max_queued_tokens`: a request that does not fit is rejected at
 //! once, as a whole, so its caller can try another replica.
@@ -46,22 +48,28 @@ struct State {
     /// Slots with pending jobs, in the order they became non-empty.
     ready: VecDeque<usize>,
     queued_tokens: usize,
+    /// Whether a drain task is running on the pool.
+    draining: bool,
     closing: bool,
 }
 
 struct Shared {
     state: Mutex<State>,
-    wake: Condvar,
+    /// Signalled when jobs arrive (for a drain task holding a batch) and when the drain
+    /// task stops (for [`ComputeQueue::close`]).
+    changed: Condvar,
     max_queued_tokens: usize,
     max_batch_tokens: usize,
     batch_wait: Duration,
     metrics: Arc<NodeMetrics>,
+    model: Arc<HostedModel>,
+    pool: rayon::ThreadPool,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // The compute thread never panics while holding the lock; if a panic ever poisons
-        // it, the queue itself is still consistent.
+        // No code panics while holding the lock; if a panic ever poisons it, the queue
+        // itself is still consistent.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -88,13 +96,12 @@ pub(crate) struct QueueSettings {
 }
 
 impl ComputeQueue {
-    /// Starts the compute thread. It runs until [`ComputeQueue::close`] is called and the
-    /// queue is empty.
-    pub(crate) fn start(
+    /// Builds the compute pool.
+    pub(crate) fn new(
         model: Arc<HostedModel>,
         settings: &QueueSettings,
         metrics: Arc<NodeMetrics>,
-    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+    ) -> std::io::Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(settings.threads)
             .thread_name(|i| format!("expertnet-compute-{i}"))
@@ -106,20 +113,18 @@ impl ComputeQueue {
                 queues: (0..model.experts.len()).map(|_| VecDeque::new()).collect(),
                 ready: VecDeque::new(),
                 queued_tokens: 0,
+                draining: false,
                 closing: false,
             }),
-            wake: Condvar::new(),
+            changed: Condvar::new(),
             max_queued_tokens: settings.max_queued_tokens,
             max_batch_tokens: settings.max_batch_tokens.max(1),
             batch_wait: settings.batch_wait,
             metrics,
+            model,
+            pool,
         });
-
-        let worker = Arc::clone(&shared);
-        let handle = std::thread::Builder::new()
-            .name("expertnet-batcher".to_owned())
-            .spawn(move || run(&worker, &model, &pool))?;
-        Ok((Self { shared }, handle))
+        Ok(Self { shared })
     }
 
     /// Enqueues one job per `(slot, input)` pair, all or none. Each input is a
@@ -159,83 +164,107 @@ impl ComputeQueue {
         }
         state.queued_tokens += requested;
         self.shared.metrics.set_queued_tokens(state.queued_tokens);
+
+        let start_drain = !state.draining;
+        state.draining = true;
         drop(state);
 
-        self.shared.wake.notify_one();
+        if start_drain {
+            let shared = Arc::clone(&self.shared);
+            self.shared.pool.spawn(move || drain(&shared));
+        } else {
+            self.shared.changed.notify_all();
+        }
         Ok(receivers)
     }
 
-    /// Stops accepting jobs. Jobs already queued are still computed.
+    /// Stops accepting jobs and waits, blocking, until the jobs already queued have been
+    /// computed.
     pub(crate) fn close(&self) {
-        self.shared.lock().closing = true;
-        self.shared.wake.notify_all();
+        let mut state = self.shared.lock();
+        state.closing = true;
+        self.shared.changed.notify_all();
+        while state.draining {
+            state = self
+                .shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
     }
 }
 
-fn run(shared: &Shared, model: &HostedModel, pool: &rayon::ThreadPool) {
+/// Runs passes until the queue is empty, then marks the queue idle.
+fn drain(shared: &Shared) {
     while let Some((slot, jobs)) = next_batch(shared) {
-        let (live, gone): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|job| !job.reply.is_closed());
-        if !gone.is_empty() {
-            shared.metrics.record_cancelled(gone.len());
-        }
-        if live.is_empty() {
-            continue;
-        }
+        run_pass(shared, slot, jobs);
+    }
+}
 
-        let tokens: usize = live.iter().map(|job| job.tokens).sum();
-        let expert = &model.experts[slot];
-        let span = tracing::debug_span!(
-            "forward_pass",
-            layer = expert.layer,
-            expert = expert.expert,
-            tokens,
-            requests = live.len()
-        );
-        let _entered = span.enter();
+fn run_pass(shared: &Shared, slot: usize, jobs: Vec<Job>) {
+    let (live, gone): (Vec<Job>, Vec<Job>) =
+        jobs.into_iter().partition(|job| !job.reply.is_closed());
+    if !gone.is_empty() {
+        shared.metrics.record_cancelled(gone.len());
+    }
+    if live.is_empty() {
+        return;
+    }
 
-        let result = pool.install(|| {
-            let input = if live.len() == 1 {
-                live[0].input.clone()
-            } else {
-                let inputs: Vec<&Tensor> = live.iter().map(|job| &job.input).collect();
-                Tensor::cat(&inputs, 0)?
-            };
-            expert.weights.forward(&input)
-        });
-        shared.metrics.record_pass(tokens, live.len());
+    let tokens: usize = live.iter().map(|job| job.tokens).sum();
+    let expert = &shared.model.experts[slot];
+    let span = tracing::debug_span!(
+        "forward_pass",
+        layer = expert.layer,
+        expert = expert.expert,
+        tokens,
+        requests = live.len()
+    );
+    let _entered = span.enter();
 
-        match result {
-            Ok(output) => {
-                let mut offset = 0;
-                for job in live {
-                    let rows = output.narrow(0, offset, job.tokens).map_err(|e| e.to_string());
-                    offset += job.tokens;
-                    // The caller may have gone since the pass started; nothing to do then.
-                    let _ = job.reply.send(rows);
-                }
+    let started = Instant::now();
+    let input = if live.len() == 1 {
+        Ok(live[0].input.clone())
+    } else {
+        let inputs: Vec<&Tensor> = live.iter().map(|job| &job.input).collect();
+        Tensor::cat(&inputs, 0)
+    };
+    let result = input.and_then(|input| expert.weights.forward(&input));
+    shared
+        .metrics
+        .record_pass(tokens, live.len(), started.elapsed().as_secs_f64());
+
+    match result {
+        Ok(output) => {
+            let mut offset = 0;
+            for job in live {
+                let rows = output
+                    .narrow(0, offset, job.tokens)
+                    .map_err(|e| e.to_string());
+                offset += job.tokens;
+                // The caller may have gone since the pass started; nothing to do then.
+                let _ = job.reply.send(rows);
             }
-            Err(error) => {
-                tracing::debug!(%error, "expert forward pass failed");
-                for job in live {
-                    let _ = job.reply.send(Err(error.to_string()));
-                }
+        }
+        Err(error) => {
+            tracing::debug!(%error, "expert forward pass failed");
+            for job in live {
+                let _ = job.reply.send(Err(error.to_string()));
             }
         }
     }
 }
 
-/// Waits for work and takes the next batch: the jobs of the slot that became ready first,
-/// up to `max_batch_tokens` rows (a single larger job forms a batch of its own). Returns
-/// `None` once the queue is closed and empty.
+/// Takes the next batch: the jobs of the slot that became ready first, up to
+/// `max_batch_tokens` rows (a single larger job forms a batch of its own). Returns `None`,
+/// after marking the drain task stopped, when the queue is empty.
 fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
     let mut state = shared.lock();
     loop {
         let Some(&slot) = state.ready.front() else {
-            if state.closing {
-                return None;
-            }
-            state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
-            continue;
+            state.draining = false;
+            shared.changed.notify_all();
+            return None;
         };
 
         if !shared.batch_wait.is_zero() && !state.closing {
@@ -246,7 +275,7 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
                 let now = Instant::now();
                 if pending < shared.max_batch_tokens && now < hold_until {
                     state = shared
-                        .wake
+                        .changed
                         .wait_timeout(state, hold_until - now)
                         .map(|(guard, _)| guard)
                         .unwrap_or_else(|e| e.into_inner().0);

@@ -107,7 +107,10 @@ impl HostedModel {
     pub(crate) fn layer_sets(&self) -> Vec<LayerExperts> {
         let mut by_layer: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
         for hosted in &self.experts {
-            by_layer.entry(hosted.layer).or_default().push(hosted.expert);
+            by_layer
+                .entry(hosted.layer)
+                .or_default()
+                .push(hosted.expert);
         }
         by_layer
             .into_iter()

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use config::{Limits, NodeConfig};
-pub use key::{KeyError, NodeKey, verifying_key_of};
+pub use key::{KeyError, NodeKey};
 pub use metrics::NodeMetrics;
 pub use node::{Node, RunningNode};
 pub use spec::{ExpertSpec, SpecError};

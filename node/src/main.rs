@@ -13,7 +13,11 @@ use expertnet_proto::DType;
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
-#[command(name = "expertnet-node", version, about = "Serve Mixture-of-Experts experts to the expertnet network")]
+#[command(
+    name = "expertnet-node",
+    version,
+    about = "Serve Mixture-of-Experts experts to the expertnet network"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,7 +49,7 @@ enum Command {
         force: bool,
     },
     /// Serve experts until SIGINT or SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 /// Options of `run`. Each can also be set in the TOML file given with `--config`, under the
@@ -197,7 +201,7 @@ fn main() -> ExitCode {
             out,
             force,
         } => manifest(&checkpoint, out, force),
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -214,6 +218,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -269,29 +274,44 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::info!(path = %key_path.display(), peer_id = %key.peer_id(), "created a new node key");
         }
 
-        let node = Node::start(config, key).await?;
-        wait_for_signal().await?;
+        // Listen for signals before serving, so a signal sent as soon as the node reports
+        // that it serves stops it gracefully.
+        let shutdown = shutdown_signal()?;
+        tokio::pin!(shutdown);
+        let node = tokio::select! {
+            node = Node::start(config, key) => node?,
+            () = &mut shutdown => {
+                tracing::info!("stopped while loading experts");
+                return Ok(());
+            }
+        };
+        shutdown.await;
         node.shutdown().await?;
         Ok(())
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-        let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+/// Registers the SIGINT and SIGTERM handlers and returns a future that resolves on the
+/// first of them.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
         let name = tokio::select! {
             _ = terminate.recv() => "SIGTERM",
             _ = interrupt.recv() => "SIGINT",
         };
         tracing::info!(signal = name, "received shutdown signal");
-    }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await.context("cannot listen for Ctrl-C")?;
-        tracing::info!("received Ctrl-C");
-    }
-    Ok(())
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!("received Ctrl-C");
+        }
+    })
 }

@@ -27,7 +27,6 @@ struct ReasonLabel {
 }
 
 /// The node's metrics. Names carry the `expertnet_` prefix in the exposition.
-#[derive(Debug)]
 pub struct NodeMetrics {
     registry: Registry,
     requests: Family<CodeLabel, Counter>,
@@ -35,9 +34,21 @@ pub struct NodeMetrics {
     forward_passes: Counter,
     batch_tokens: Histogram,
     batch_requests: Histogram,
+    pass_seconds: Histogram,
+    /// The same sum as `pass_seconds`, readable in-process (the histogram's is not).
+    pass_seconds_total: Counter<f64, std::sync::atomic::AtomicU64>,
     queued_tokens: Gauge,
     rejections: Family<ReasonLabel, Counter>,
     cancelled: Counter,
+}
+
+impl std::fmt::Debug for NodeMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeMetrics")
+            .field("forward_passes", &self.forward_passes.get())
+            .field("queued_tokens", &self.queued_tokens.get())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for NodeMetrics {
@@ -80,6 +91,13 @@ impl NodeMetrics {
             "Requests merged into one expert forward pass",
             batch_requests.clone(),
         );
+        // 10 us to about 10 s.
+        let pass_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 21));
+        registry.register(
+            "forward_pass_duration_seconds",
+            "Compute time of one expert forward pass, without queueing",
+            pass_seconds.clone(),
+        );
         let queued_tokens = Gauge::default();
         registry.register(
             "queued_tokens",
@@ -106,6 +124,8 @@ impl NodeMetrics {
             forward_passes,
             batch_tokens,
             batch_requests,
+            pass_seconds,
+            pass_seconds_total: Counter::default(),
             queued_tokens,
             rejections,
             cancelled,
@@ -129,8 +149,10 @@ impl NodeMetrics {
             .inc();
     }
 
-    pub(crate) fn record_pass(&self, tokens: usize, requests: usize) {
+    pub(crate) fn record_pass(&self, tokens: usize, requests: usize, seconds: f64) {
         self.forward_passes.inc();
+        self.pass_seconds.observe(seconds);
+        self.pass_seconds_total.inc_by(seconds);
         self.batch_tokens.observe(tokens as f64);
         self.batch_requests.observe(requests as f64);
     }
@@ -146,6 +168,11 @@ impl NodeMetrics {
     /// Expert forward passes so far.
     pub fn forward_passes(&self) -> u64 {
         self.forward_passes.get()
+    }
+
+    /// Total compute time of all forward passes so far, in seconds.
+    pub fn forward_pass_seconds(&self) -> f64 {
+        self.pass_seconds_total.get()
     }
 
     /// Forward requests answered with status `code` so far.
@@ -200,8 +227,8 @@ pub(crate) async fn serve(
                 let metrics = Arc::clone(&metrics);
                 async move { Ok::<_, std::convert::Infallible>(respond(&request, &metrics)) }
             });
-            let connection =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
             if let Err(error) = connection.await {
                 tracing::debug!(%error, %peer, "metrics connection failed");
             }
@@ -209,7 +236,10 @@ pub(crate) async fn serve(
     }
 }
 
-fn respond(request: &Request<hyper::body::Incoming>, metrics: &NodeMetrics) -> Response<Full<Bytes>> {
+fn respond(
+    request: &Request<hyper::body::Incoming>,
+    metrics: &NodeMetrics,
+) -> Response<Full<Bytes>> {
     let (status, content_type, body) = if request.uri().path() == "/metrics" {
         (
             StatusCode::OK,
@@ -226,7 +256,9 @@ fn respond(request: &Request<hyper::body::Incoming>, metrics: &NodeMetrics) -> R
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
     }
     response
 }

@@ -39,7 +39,6 @@ pub struct RunningNode {
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_server: Option<JoinHandle<()>>,
-    compute_thread: std::thread::JoinHandle<()>,
     drain_timeout: Duration,
 }
 
@@ -76,9 +75,9 @@ impl Node {
             batch_wait: config.limits.batch_wait,
             threads,
         };
-        let (queue, compute_thread) = ComputeQueue::start(Arc::clone(&model), &settings, Arc::clone(&metrics))
+        let queue = ComputeQueue::new(Arc::clone(&model), &settings, Arc::clone(&metrics))
             .map_err(|source| NodeError::Io {
-                what: "start the compute thread".to_owned(),
+                what: "start the compute threads".to_owned(),
                 source,
             })?;
 
@@ -97,13 +96,14 @@ impl Node {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let metrics_server = match config.metrics_listen {
             Some(address) => {
-                let listener = crate::metrics::bind(address)
-                    .await
-                    .map_err(|source| NodeError::Bind {
-                        what: "metrics",
-                        address,
-                        source,
-                    })?;
+                let listener =
+                    crate::metrics::bind(address)
+                        .await
+                        .map_err(|source| NodeError::Bind {
+                            what: "metrics",
+                            address,
+                            source,
+                        })?;
                 let bound = listener.local_addr().ok();
                 let task = tokio::spawn(crate::metrics::serve(
                     listener,
@@ -171,7 +171,6 @@ impl Node {
             shutdown,
             server,
             metrics_server,
-            compute_thread,
             drain_timeout: config.drain_timeout,
         })
     }
@@ -187,7 +186,9 @@ fn check_limits(config: &NodeConfig) -> Result<(), NodeError> {
     ];
     for (name, value) in positive {
         if value == 0 {
-            return Err(NodeError::Config(format!("{name} is 0; it must be at least 1")));
+            return Err(NodeError::Config(format!(
+                "{name} is 0; it must be at least 1"
+            )));
         }
     }
     if limits.max_tokens_per_request > limits.max_queued_tokens {
@@ -197,7 +198,9 @@ fn check_limits(config: &NodeConfig) -> Result<(), NodeError> {
         )));
     }
     if config.threads == Some(0) {
-        return Err(NodeError::Config("threads is 0; it must be at least 1".to_owned()));
+        return Err(NodeError::Config(
+            "threads is 0; it must be at least 1".to_owned(),
+        ));
     }
     Ok(())
 }
@@ -246,8 +249,8 @@ impl RunningNode {
         &self.metrics
     }
 
-    /// Stops gracefully: stops accepting connections and jobs, finishes in-flight requests
-    /// (waiting at most the configured drain timeout), then stops the compute thread.
+    /// Stops gracefully: stops accepting connections, finishes in-flight requests (waiting
+    /// at most the configured drain timeout), then waits for queued computation to end.
     ///
     /// # Errors
     /// [`NodeError::Drain`] when in-flight requests did not finish within the drain timeout.
@@ -257,7 +260,8 @@ impl RunningNode {
 
         let mut server = self.server;
         let drained = tokio::time::timeout(self.drain_timeout, &mut server).await;
-        self.queue.close();
+        let queue = self.queue;
+        let _ = tokio::task::spawn_blocking(move || queue.close()).await;
         if let Some(task) = self.metrics_server {
             task.abort();
         }
@@ -274,8 +278,6 @@ impl RunningNode {
             }
         };
 
-        let compute_thread = self.compute_thread;
-        let _ = tokio::task::spawn_blocking(move || compute_thread.join()).await;
         tracing::info!("node stopped");
         result
     }

@@ -37,7 +37,11 @@ pub(crate) enum RequestError {
     #[error(
         "input for expert {expert} has a NaN or infinite value at row {row}, column {column}; send finite values only"
     )]
-    NonFinite { expert: u32, row: usize, column: usize },
+    NonFinite {
+        expert: u32,
+        row: usize,
+        column: usize,
+    },
     #[error(
         "request has {tokens} token rows, above this node's max_tokens_per_request of {max}; split it into smaller requests"
     )]
@@ -172,7 +176,10 @@ impl ExpertServer {
         }
     }
 
-    async fn run_forward(&self, request: pb::ForwardRequest) -> Result<pb::ForwardResponse, RequestError> {
+    async fn run_forward(
+        &self,
+        request: pb::ForwardRequest,
+    ) -> Result<pb::ForwardResponse, RequestError> {
         let call = ForwardCall::try_from(request)?;
         let slots = self.check(&call)?;
         tracing::Span::current().record("tokens", call.total_tokens());
@@ -180,8 +187,12 @@ impl ExpertServer {
         let compute_dtype = expertnet_model::codec::candle_dtype(self.model.compute_dtype);
         let mut jobs = Vec::with_capacity(call.inputs.len());
         for (input, &slot) in call.inputs.iter().zip(&slots) {
-            let tensor = expertnet_model::codec::to_candle(&input.hidden, compute_dtype, &candle_core::Device::Cpu)
-                .map_err(|e| RequestError::Compute(e.to_string()))?;
+            let tensor = expertnet_model::codec::to_candle(
+                &input.hidden,
+                compute_dtype,
+                &candle_core::Device::Cpu,
+            )
+            .map_err(|e| RequestError::Compute(e.to_string()))?;
             jobs.push((slot, tensor));
         }
 
@@ -274,12 +285,19 @@ impl ExpertService for ExpertServiceImpl {
         }
     }
 
-    async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(
+        &self,
+        _request: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
         Ok(Response::new(self.0.info.clone()))
     }
 }
 
-fn error_with_metrics(metrics: &NodeMetrics, error: RequestError, span: &tracing::Span) -> RequestError {
+fn error_with_metrics(
+    metrics: &NodeMetrics,
+    error: RequestError,
+    span: &tracing::Span,
+) -> RequestError {
     span.in_scope(|| tracing::debug!(reason = error.reason(), %error, "forward request failed"));
     metrics.record_rejection(error.reason());
     error

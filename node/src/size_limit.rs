@@ -68,7 +68,10 @@ where
                 .get("grpc-message")
                 .and_then(|v| v.to_str().ok())
                 .and_then(found_bytes);
-            let size = found.map_or_else(|| "a message".to_owned(), |n| format!("a message of {n} bytes"));
+            let size = found.map_or_else(
+                || "a message".to_owned(),
+                |n| format!("a message of {n} bytes"),
+            );
             let status = Status::resource_exhausted(format!(
                 "{size} is above this node's max_message_bytes of {}; send fewer tokens per request",
                 layer.max_message_bytes
@@ -89,7 +92,10 @@ where
 
 /// Extracts N from tonic's "... found N bytes ..." message, which is percent-encoded.
 fn found_bytes(message: &str) -> Option<u64> {
-    let decoded = message.replace("%20", " ").replace("%3A", ":").replace("%2C", ",");
+    let decoded = message
+        .replace("%20", " ")
+        .replace("%3A", ":")
+        .replace("%2C", ",");
     let after = decoded.split("found ").nth(1)?;
     after.split(' ').next()?.parse().ok()
 }
@@ -101,11 +107,15 @@ mod tests {
     #[test]
     fn size_is_read_from_tonic_message() {
         assert_eq!(
-            found_bytes("Error, decoded message length too large: found 5000 bytes, the limit is: 100 bytes"),
+            found_bytes(
+                "Error, decoded message length too large: found 5000 bytes, the limit is: 100 bytes"
+            ),
             Some(5000)
         );
         assert_eq!(
-            found_bytes("Error%2C%20decoded%20message%20length%20too%20large%3A%20found%205000%20bytes"),
+            found_bytes(
+                "Error%2C%20decoded%20message%20length%20too%20large%3A%20found%205000%20bytes"
+            ),
             Some(5000)
         );
         assert_eq!(found_bytes("something else"), None);

@@ -58,7 +58,8 @@ impl FromStr for ExpertSpec {
             let (layers, experts) = item
                 .split_once(':')
                 .ok_or_else(|| error(format!("item {item:?} has no ':'; {EXAMPLES}")))?;
-            let layers = parse_selector(layers).map_err(|reason| error(format!("layers {reason}")))?;
+            let layers =
+                parse_selector(layers).map_err(|reason| error(format!("layers {reason}")))?;
             let experts =
                 parse_selector(experts).map_err(|reason| error(format!("experts {reason}")))?;
             items.push((layers, experts));
@@ -230,7 +231,10 @@ mod tests {
         }
 
         let config = config(2, 4);
-        let out_of_range = [("5:0", "layer 5 is out of range"), ("0:4", "expert 4 is out of range")];
+        let out_of_range = [
+            ("5:0", "layer 5 is out of range"),
+            ("0:4", "expert 4 is out of range"),
+        ];
         for (text, fragment) in out_of_range {
             let spec: ExpertSpec = text.parse().unwrap();
             let error = spec.resolve(&config).unwrap_err().to_string();

@@ -107,12 +107,11 @@ impl TryFrom<pb::ForwardRequest> for ForwardCall {
     type Error = ForwardError;
 
     fn try_from(request: pb::ForwardRequest) -> Result<Self, Self::Error> {
-        let request_id =
-            RequestId::try_from(&request.request_id[..]).map_err(|_| {
-                ForwardError::RequestIdLength {
-                    actual: request.request_id.len(),
-                }
-            })?;
+        let request_id = RequestId::try_from(&request.request_id[..]).map_err(|_| {
+            ForwardError::RequestIdLength {
+                actual: request.request_id.len(),
+            }
+        })?;
         check_model_id(&request.model_id)?;
         if request.inputs.is_empty() {
             return Err(ForwardError::NoInputs);
@@ -121,7 +120,10 @@ impl TryFrom<pb::ForwardRequest> for ForwardCall {
         let mut inputs = Vec::with_capacity(request.inputs.len());
         for input in request.inputs {
             let expert = input.expert;
-            if inputs.iter().any(|seen: &ExpertInput| seen.expert == expert) {
+            if inputs
+                .iter()
+                .any(|seen: &ExpertInput| seen.expert == expert)
+            {
                 return Err(ForwardError::DuplicateExpert { expert });
             }
 

@@ -36,7 +36,8 @@ impl ReceiptBody {
     /// the timestamp as little-endian u64.
     pub fn signed_bytes(&self) -> Vec<u8> {
         let model_id = self.model_id.as_bytes();
-        let mut out = Vec::with_capacity(RECEIPT_DOMAIN.len() + 16 + 2 + model_id.len() + 8 + 96 + 8);
+        let mut out =
+            Vec::with_capacity(RECEIPT_DOMAIN.len() + 16 + 2 + model_id.len() + 8 + 96 + 8);
         out.extend_from_slice(RECEIPT_DOMAIN);
         out.extend_from_slice(self.request_id.as_bytes());
         // The model id length is bounded by MAX_MODEL_ID_BYTES, far below u16::MAX; a longer

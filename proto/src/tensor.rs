@@ -96,9 +96,7 @@ pub enum TensorError {
     RankTooHigh { rank: usize, max: usize },
     #[error("tensor shape {shape:?} has too many elements to address")]
     ShapeOverflow { shape: Vec<u64> },
-    #[error(
-        "tensor data is {actual} bytes but shape {shape:?} in {dtype} needs {expected} bytes"
-    )]
+    #[error("tensor data is {actual} bytes but shape {shape:?} in {dtype} needs {expected} bytes")]
     ByteLength {
         shape: Vec<usize>,
         dtype: DType,
@@ -355,9 +353,13 @@ mod tests {
             (DType::F16, 0x3c00, true),
         ];
         for (dtype, bits, finite) in half_bits {
-            let tensor = WireTensor::new(vec![1], dtype, Bytes::from(bits.to_le_bytes().to_vec()))
-                .unwrap();
-            assert_eq!(tensor.first_non_finite().is_none(), finite, "{dtype} {bits:#x}");
+            let tensor =
+                WireTensor::new(vec![1], dtype, Bytes::from(bits.to_le_bytes().to_vec())).unwrap();
+            assert_eq!(
+                tensor.first_non_finite().is_none(),
+                finite,
+                "{dtype} {bits:#x}"
+            );
         }
     }
 

@@ -1,1 +1,328 @@
-fn main() {}
+//! `expertnet`: query and call the expertnet network from the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use candle_core::{Device, Tensor};
+use clap::{Parser, Subcommand};
+use expertnet_model::codec::{to_candle, wire_from_f32, wire_to_f32};
+use expertnet_model::rng::SplitMix64;
+use expertnet_model::{Checkpoint, Manifest, ModelError, max_row_relative_error};
+use expertnet_proto::{DType, ExpertInput, ForwardCall, LayerExperts, RequestId};
+use expertnet_router::{NodeClient, short_peer_id};
+
+#[derive(Debug, Parser)]
+#[command(name = "expertnet", version, about = "Query and call expertnet nodes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a node's identity, hosted experts and limits.
+    Info {
+        /// gRPC endpoint of the node, such as http://127.0.0.1:50051.
+        #[arg(long)]
+        node: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send random hidden states to one expert of a node, verify the signed results, and
+    /// compare them with local computation when the checkpoint holds that expert.
+    Call {
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        layer: u32,
+        #[arg(long)]
+        expert: u32,
+        /// Token rows per request.
+        #[arg(long, default_value_t = 1)]
+        tokens: usize,
+        /// Requests to send, one after another.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// Dtype of the hidden states sent: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
+        /// Checkpoint folder: its manifest checks the weight digest of each receipt, and its
+        /// weights (when present) give the local reference.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Seed of the random hidden states.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Milliseconds each request may take.
+        #[arg(long, default_value_t = 10_000)]
+        deadline_ms: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Info { node, json } => info(&node, json).await,
+            Command::Call {
+                node,
+                layer,
+                expert,
+                tokens,
+                repeat,
+                dtype,
+                checkpoint,
+                seed,
+                deadline_ms,
+            } => {
+                let options = CallOptions {
+                    layer,
+                    expert,
+                    tokens,
+                    repeat,
+                    dtype,
+                    checkpoint,
+                    seed,
+                    deadline: Duration::from_millis(deadline_ms),
+                };
+                call(&node, &options).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn info(endpoint: &str, json: bool) -> anyhow::Result<()> {
+    let node = NodeClient::connect(endpoint, None, CONNECT_TIMEOUT).await?;
+    let info = node.info();
+    let models: Vec<serde_json::Value> = info
+        .models
+        .iter()
+        .map(|model| {
+            let layers: Vec<String> = model
+                .layers
+                .iter()
+                .map(|layer| LayerExperts::from_wire(layer).to_string())
+                .collect();
+            serde_json::json!({
+                "model_id": model.model_id,
+                "model_type": model.model_type,
+                "hidden_size": model.hidden_size,
+                "experts": layers,
+            })
+        })
+        .collect();
+    let limits = info.limits.unwrap_or_default();
+
+    if json {
+        let value = serde_json::json!({
+            "node_id": info.node_id,
+            "version": info.version,
+            "models": models,
+            "limits": {
+                "max_message_bytes": limits.max_message_bytes,
+                "max_tokens_per_request": limits.max_tokens_per_request,
+                "max_queued_tokens": limits.max_queued_tokens,
+                "max_batch_tokens": limits.max_batch_tokens,
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+
+    println!(
+        "node       {} ({})",
+        info.node_id,
+        short_peer_id(&node.peer_id())
+    );
+    println!("version    {}", info.version);
+    for model in &models {
+        println!(
+            "model      {}",
+            model["model_id"].as_str().unwrap_or_default()
+        );
+        println!(
+            "  type     {}",
+            model["model_type"].as_str().unwrap_or_default()
+        );
+        println!("  hidden   {}", model["hidden_size"]);
+        let experts: Vec<&str> = model["experts"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        println!("  experts  {} (layer:experts)", experts.join(" "));
+    }
+    println!(
+        "limits     {} bytes per message, {} tokens per request, {} queued tokens, {} tokens per batch",
+        limits.max_message_bytes,
+        limits.max_tokens_per_request,
+        limits.max_queued_tokens,
+        limits.max_batch_tokens
+    );
+    Ok(())
+}
+
+struct CallOptions {
+    layer: u32,
+    expert: u32,
+    tokens: usize,
+    repeat: usize,
+    dtype: DType,
+    checkpoint: Option<PathBuf>,
+    seed: u64,
+    deadline: Duration,
+}
+
+async fn call(endpoint: &str, options: &CallOptions) -> anyhow::Result<()> {
+    if options.tokens == 0 || options.repeat == 0 {
+        bail!("--tokens and --repeat must be at least 1");
+    }
+    let mut node = NodeClient::connect(endpoint, None, CONNECT_TIMEOUT).await?;
+    let model = node
+        .info()
+        .models
+        .first()
+        .cloned()
+        .context("the node reports no hosted model")?;
+    let hidden = model.hidden_size as usize;
+
+    let reference = match &options.checkpoint {
+        Some(dir) => Some(load_reference(
+            dir,
+            &model.model_id,
+            options.layer,
+            options.expert,
+        )?),
+        None => None,
+    };
+    let expected_digest = reference.as_ref().map(|r| r.digest);
+
+    let mut rng = SplitMix64::new(options.seed);
+    let mut latencies = Vec::with_capacity(options.repeat);
+    let mut worst_error: Option<f32> = None;
+    for _ in 0..options.repeat {
+        let values = rng.normal_vec(options.tokens * hidden);
+        let input = wire_from_f32(&values, &[options.tokens, hidden], options.dtype)?;
+        let call = ForwardCall {
+            request_id: random_request_id()?,
+            model_id: model.model_id.clone(),
+            layer: options.layer,
+            inputs: vec![ExpertInput {
+                expert: options.expert,
+                hidden: input.clone(),
+            }],
+        };
+
+        let started = Instant::now();
+        let outputs = node
+            .forward(&call, Some(options.deadline), |_, _| expected_digest)
+            .await?;
+        latencies.push(started.elapsed());
+
+        if let Some(weights) = reference.as_ref().and_then(|r| r.expert.as_ref()) {
+            let x = to_candle(&input, candle_core::DType::F32, &Device::Cpu)?;
+            let local = weights.forward(&x)?;
+            let output = &outputs[0].output;
+            let remote = Tensor::from_vec(wire_to_f32(output), output.shape(), &Device::Cpu)?;
+            let error = max_row_relative_error(&remote, &local)?;
+            worst_error = Some(worst_error.map_or(error, |w| w.max(error)));
+        }
+    }
+
+    latencies.sort();
+    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "{} requests of {} tokens to layer {} expert {} on {}: all receipts verified",
+        options.repeat,
+        options.tokens,
+        options.layer,
+        options.expert,
+        short_peer_id(&node.peer_id())
+    );
+    println!(
+        "latency    p50 {:.3} ms, p99 {:.3} ms",
+        percentile(0.5).as_secs_f64() * 1e3,
+        percentile(0.99).as_secs_f64() * 1e3
+    );
+    match worst_error {
+        Some(error) => println!("max relative error against local computation: {error:.3e}"),
+        None if options.checkpoint.is_some() => {
+            println!(
+                "the checkpoint folder lacks this expert's weights; only the digest was checked"
+            )
+        }
+        None => println!(
+            "pass --checkpoint DIR to check weight digests and compare with local computation"
+        ),
+    }
+    Ok(())
+}
+
+struct Reference {
+    digest: expertnet_proto::Digest,
+    expert: Option<expertnet_model::Expert>,
+}
+
+fn load_reference(
+    dir: &std::path::Path,
+    model_id: &str,
+    layer: u32,
+    expert: u32,
+) -> anyhow::Result<Reference> {
+    let manifest = Manifest::load(&Manifest::path_in(dir))?;
+    if manifest.model_id() != model_id {
+        bail!(
+            "the checkpoint in {} is model {}, but the node serves {model_id}",
+            dir.display(),
+            manifest.model_id()
+        );
+    }
+    let digest = manifest
+        .expert_digest(layer, expert)
+        .with_context(|| format!("layer {layer} expert {expert} is not in the manifest"))?;
+    let checkpoint = Checkpoint::open(dir)?;
+    // A node's folder may hold only some shards; without the weights, only the digest is
+    // checked.
+    let expert = match checkpoint.load_expert(layer, expert, DType::F32, &Device::Cpu) {
+        Ok(expert) => Some(expert),
+        Err(ModelError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
+        Err(ModelError::MissingTensor { .. }) => None,
+        Err(error) => return Err(error.into()),
+    };
+    Ok(Reference { digest, expert })
+}
+
+fn random_request_id() -> anyhow::Result<RequestId> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random source failed: {e}"))?;
+    Ok(RequestId::from_bytes(bytes))
+}

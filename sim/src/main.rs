@@ -1,1 +1,210 @@
-fn main() {}
+//! `expertnet-sim`: checkpoints, simulations and benchmarks on one machine.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use expertnet_model::{Family, GeneratorOptions, Manifest, generate_checkpoint};
+use expertnet_proto::DType;
+use expertnet_sim::bench::{self, BenchOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "expertnet-sim",
+    version,
+    about = "Checkpoints, simulations and benchmarks of expertnet"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Layout {
+    Mixtral,
+    Qwen3Moe,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a seeded random checkpoint in the Hugging Face layout, with its manifest.
+    MakeCheckpoint {
+        /// Output folder; created if missing, and must not hold a checkpoint already.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tensor names and config of this model family.
+        #[arg(long, value_enum, default_value = "mixtral")]
+        layout: Layout,
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        /// Experts per MoE layer.
+        #[arg(long, default_value_t = 8)]
+        experts: usize,
+        /// Experts chosen per token.
+        #[arg(long, default_value_t = 2)]
+        top_k: usize,
+        #[arg(long, default_value_t = 128)]
+        hidden: usize,
+        /// Width of each expert's hidden layer.
+        #[arg(long, default_value_t = 352)]
+        ffn: usize,
+        #[arg(long, default_value_t = 512)]
+        vocab: usize,
+        /// Attention heads.
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        /// Key-value heads (grouped-query attention).
+        #[arg(long, default_value_t = 2)]
+        kv_heads: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Storage dtype: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
+        /// Largest safetensors shard in bytes; larger checkpoints are split into shards
+        /// listed in model.safetensors.index.json.
+        #[arg(long, default_value_t = 2 << 30)]
+        max_shard_bytes: u64,
+    },
+    /// Measure and print benchmarks.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Local expert computation against a node round trip and a gRPC echo of the same
+    /// payload, and the throughput of concurrent one-token clients.
+    Node {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// Expert sizes as HIDDENxFFN, comma-separated.
+        #[arg(long, default_value = "512x1408,1024x2816", value_delimiter = ',')]
+        sizes: Vec<String>,
+        /// Batch sizes in tokens, comma-separated.
+        #[arg(long, default_value = "1,16,128", value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// Print JSON instead of Markdown.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let result = match cli.command {
+        Command::MakeCheckpoint {
+            out,
+            layout,
+            layers,
+            experts,
+            top_k,
+            hidden,
+            ffn,
+            vocab,
+            heads,
+            kv_heads,
+            seed,
+            dtype,
+            max_shard_bytes,
+        } => {
+            let options = GeneratorOptions {
+                family: match layout {
+                    Layout::Mixtral => Family::Mixtral,
+                    Layout::Qwen3Moe => Family::Qwen3Moe,
+                },
+                layers,
+                experts,
+                top_k,
+                hidden,
+                ffn,
+                vocab,
+                heads,
+                kv_heads,
+                seed,
+                dtype,
+                max_shard_bytes,
+            };
+            make_checkpoint(&out, &options)
+        }
+        Command::Bench(Bench::Node {
+            seconds,
+            sizes,
+            batches,
+            json,
+        }) => bench_node(seconds, &sizes, batches, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn make_checkpoint(out: &std::path::Path, options: &GeneratorOptions) -> anyhow::Result<()> {
+    let checkpoint = generate_checkpoint(out, options)?;
+    let manifest = Manifest::load(&Manifest::path_in(out))?;
+    let config = checkpoint.config();
+    eprintln!(
+        "wrote {} ({}: {} layers, {} experts of hidden {} / ffn {}, top-{}, {})",
+        out.display(),
+        config.model_type,
+        config.num_hidden_layers,
+        config.num_experts(),
+        config.hidden_size,
+        config.expert_ffn(),
+        config.num_experts_per_tok,
+        options.dtype
+    );
+    println!("{}", manifest.model_id());
+    Ok(())
+}
+
+fn bench_node(
+    seconds: f64,
+    sizes: &[String],
+    batches: Vec<usize>,
+    json: bool,
+) -> anyhow::Result<()> {
+    if !(seconds > 0.0 && seconds <= 60.0) {
+        anyhow::bail!("--seconds must be between 0 and 60, got {seconds}");
+    }
+    let sizes = sizes
+        .iter()
+        .map(|text| {
+            let (hidden, ffn) = text.split_once('x').ok_or_else(|| {
+                anyhow::anyhow!("size {text:?} is not HIDDENxFFN, such as 512x1408")
+            })?;
+            Ok((hidden.trim().parse()?, ffn.trim().parse()?))
+        })
+        .collect::<anyhow::Result<Vec<(usize, usize)>>>()?;
+    let options = BenchOptions {
+        sizes,
+        batches,
+        budget: Duration::from_secs_f64(seconds),
+        ..BenchOptions::default()
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(bench::run(&options))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_markdown());
+    }
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! Checks on every expert result a node returns, before anything uses it.
+
+use ed25519_dalek::VerifyingKey;
+use expertnet_proto::{Digest, ExpertInput, ExpertOutput, ForwardCall, ReceiptError};
+
+/// Why an expert result was rejected. Any of these counts as a failure of the node that
+/// sent it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    #[error("response has {actual} outputs for {expected} inputs")]
+    OutputCount { expected: usize, actual: usize },
+    #[error("output {index} is for expert {actual}, expected expert {expected}")]
+    WrongExpert {
+        index: usize,
+        expected: u32,
+        actual: u32,
+    },
+    #[error("expert {expert}: malformed output: {reason}")]
+    Malformed { expert: u32, reason: String },
+    #[error("expert {expert}: {source}")]
+    Receipt {
+        expert: u32,
+        #[source]
+        source: ReceiptError,
+    },
+    #[error("expert {expert}: receipt field {field} does not match the request")]
+    ReceiptField { expert: u32, field: &'static str },
+    #[error("expert {expert}: receipt input digest does not match the tokens sent")]
+    InputDigest { expert: u32 },
+    #[error("expert {expert}: receipt output digest does not match the output received")]
+    OutputDigest { expert: u32 },
+    #[error("expert {expert}: weight digest {actual} differs from the manifest's {expected}")]
+    WeightDigest {
+        expert: u32,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("expert {expert}: output shape {actual:?}, expected {expected:?}")]
+    Shape {
+        expert: u32,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("expert {expert}: output dtype {actual}, expected {expected}")]
+    DType {
+        expert: u32,
+        expected: expertnet_proto::DType,
+        actual: expertnet_proto::DType,
+    },
+    #[error("expert {expert}: output has a NaN or infinite value at row {row}, column {column}")]
+    NonFinite {
+        expert: u32,
+        row: usize,
+        column: usize,
+    },
+}
+
+impl VerifyError {
+    /// A short label for counters and traces, such as `bad_signature`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VerifyError::OutputCount { .. } | VerifyError::WrongExpert { .. } => "wrong_outputs",
+            VerifyError::Malformed { .. } => "malformed",
+            VerifyError::Receipt {
+                source: ReceiptError::BadSignature { .. },
+                ..
+            } => "bad_signature",
+            VerifyError::Receipt { .. } => "malformed_receipt",
+            VerifyError::ReceiptField { .. } => "receipt_mismatch",
+            VerifyError::InputDigest { .. } => "input_digest",
+            VerifyError::OutputDigest { .. } => "output_digest",
+            VerifyError::WeightDigest { .. } => "weight_digest",
+            VerifyError::Shape { .. } => "wrong_shape",
+            VerifyError::DType { .. } => "wrong_dtype",
+            VerifyError::NonFinite { .. } => "non_finite",
+        }
+    }
+}
+
+/// Verifies one output against the input it answers: the receipt's signature under the
+/// node's key, every signed field against the request, both digests recomputed from the
+/// tensors, the weight digest against the manifest (when `expected_weights` is given),
+/// shape, dtype and finite values.
+///
+/// # Errors
+/// The first [`VerifyError`] found.
+pub fn verify_output(
+    call: &ForwardCall,
+    input: &ExpertInput,
+    output: &ExpertOutput,
+    node_key: &VerifyingKey,
+    expected_weights: Option<Digest>,
+) -> Result<(), VerifyError> {
+    let expert = input.expert;
+    if output.expert != expert {
+        return Err(VerifyError::WrongExpert {
+            index: 0,
+            expected: expert,
+            actual: output.expert,
+        });
+    }
+
+    let tensor = &output.output;
+    if tensor.shape() != input.hidden.shape() {
+        return Err(VerifyError::Shape {
+            expert,
+            expected: input.hidden.shape().to_vec(),
+            actual: tensor.shape().to_vec(),
+        });
+    }
+    if tensor.dtype() != input.hidden.dtype() {
+        return Err(VerifyError::DType {
+            expert,
+            expected: input.hidden.dtype(),
+            actual: tensor.dtype(),
+        });
+    }
+
+    let body = &output.receipt.body;
+    let fields = [
+        ("request_id", body.request_id == call.request_id),
+        ("model_id", body.model_id == call.model_id),
+        ("layer", body.layer == call.layer),
+        ("expert", body.expert == expert),
+    ];
+    if let Some((field, _)) = fields.iter().find(|(_, matches)| !matches) {
+        return Err(VerifyError::ReceiptField { expert, field });
+    }
+    if body.input_digest != input.hidden.digest() {
+        return Err(VerifyError::InputDigest { expert });
+    }
+    if body.output_digest != tensor.digest() {
+        return Err(VerifyError::OutputDigest { expert });
+    }
+    if let Some(expected) = expected_weights.filter(|&d| d != body.weight_digest) {
+        return Err(VerifyError::WeightDigest {
+            expert,
+            expected,
+            actual: body.weight_digest,
+        });
+    }
+    output
+        .receipt
+        .verify(node_key)
+        .map_err(|source| VerifyError::Receipt { expert, source })?;
+
+    if let Some(index) = tensor.first_non_finite() {
+        let columns = tensor.shape().get(1).copied().unwrap_or(1).max(1);
+        return Err(VerifyError::NonFinite {
+            expert,
+            row: index / columns,
+            column: index % columns,
+        });
+    }
+    Ok(())
+}
+
+/// Converts a response's outputs and verifies each against its input, in order.
+///
+/// # Errors
+/// The first [`VerifyError`] found.
+pub fn verify_response(
+    call: &ForwardCall,
+    outputs: Vec<expertnet_proto::pb::ExpertOutput>,
+    node_key: &VerifyingKey,
+    expected_weights: impl Fn(u32, u32) -> Option<Digest>,
+) -> Result<Vec<ExpertOutput>, VerifyError> {
+    if outputs.len() != call.inputs.len() {
+        return Err(VerifyError::OutputCount {
+            expected: call.inputs.len(),
+            actual: outputs.len(),
+        });
+    }
+
+    let mut verified = Vec::with_capacity(outputs.len());
+    for (index, (input, output)) in call.inputs.iter().zip(outputs).enumerate() {
+        let output = ExpertOutput::try_from(output).map_err(|error| VerifyError::Malformed {
+            expert: input.expert,
+            reason: error.to_string(),
+        })?;
+        verify_output(
+            call,
+            input,
+            &output,
+            node_key,
+            expected_weights(call.layer, input.expert),
+        )
+        .map_err(|error| match error {
+            VerifyError::WrongExpert {
+                expected, actual, ..
+            } => VerifyError::WrongExpert {
+                index,
+                expected,
+                actual,
+            },
+            other => other,
+        })?;
+        verified.push(output);
+    }
+    Ok(verified)
+}
