@@ -200,3 +200,129 @@ pub fn verify_response(
     }
     Ok(verified)
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use ed25519_dalek::SigningKey;
+    use expertnet_proto::{DType, ReceiptBody, RequestId, WireTensor};
+
+    use super::*;
+
+    fn tensor(values: &[f32]) -> WireTensor {
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        WireTensor::new(vec![1, values.len()], DType::F32, Bytes::from(data)).unwrap()
+    }
+
+    fn call() -> ForwardCall {
+        ForwardCall {
+            request_id: RequestId::from_bytes([4; 16]),
+            model_id: "mixtral-test".to_owned(),
+            layer: 2,
+            inputs: vec![ExpertInput {
+                expert: 5,
+                hidden: tensor(&[0.5, -1.0, 2.0]),
+            }],
+        }
+    }
+
+    /// A correctly signed output of `values` for the call's only input.
+    fn signed_output(call: &ForwardCall, values: &[f32], key: &SigningKey) -> ExpertOutput {
+        let output = tensor(values);
+        let receipt = ReceiptBody {
+            request_id: call.request_id,
+            model_id: call.model_id.clone(),
+            layer: call.layer,
+            expert: 5,
+            weight_digest: Digest::from_bytes([8; 32]),
+            input_digest: call.inputs[0].hidden.digest(),
+            output_digest: output.digest(),
+            timestamp_ms: 1,
+        }
+        .sign(key);
+        ExpertOutput {
+            expert: 5,
+            output,
+            receipt,
+        }
+    }
+
+    #[test]
+    fn honest_output_verifies() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let call = call();
+        let output = signed_output(&call, &[1.0, 2.0, 3.0], &key);
+        let expected = Some(Digest::from_bytes([8; 32]));
+        assert_eq!(
+            verify_output(
+                &call,
+                &call.inputs[0],
+                &output,
+                &key.verifying_key(),
+                expected
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn each_kind_of_bad_output_is_caught() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let other_key = SigningKey::from_bytes(&[2; 32]);
+        let call = call();
+        let honest = signed_output(&call, &[1.0, 2.0, 3.0], &key);
+
+        let mut swapped_output = honest.clone();
+        swapped_output.output = tensor(&[1.0, 2.0, 3.5]);
+        let mut replayed = honest.clone();
+        replayed.receipt.body.request_id = RequestId::from_bytes([9; 16]);
+        let mut wrong_input = honest.clone();
+        wrong_input.receipt.body.input_digest = tensor(&[0.0, 0.0, 0.0]).digest();
+        let nan = signed_output(&call, &[1.0, f32::NAN, 3.0], &key);
+        let mut short = honest.clone();
+        short.output = tensor(&[1.0, 2.0]);
+        let foreign = signed_output(&call, &[1.0, 2.0, 3.0], &other_key);
+
+        let cases: [(&str, ExpertOutput, &str); 6] = [
+            (
+                "output changed after signing",
+                swapped_output,
+                "output_digest",
+            ),
+            ("receipt of another request", replayed, "receipt_mismatch"),
+            ("receipt of another input", wrong_input, "input_digest"),
+            ("NaN output", nan, "non_finite"),
+            ("wrong shape", short, "wrong_shape"),
+            ("signed by another key", foreign, "bad_signature"),
+        ];
+        for (name, output, kind) in cases {
+            let error = verify_output(&call, &call.inputs[0], &output, &key.verifying_key(), None)
+                .expect_err(name);
+            assert_eq!(error.kind(), kind, "{name}: {error}");
+        }
+
+        let error = verify_output(
+            &call,
+            &call.inputs[0],
+            &honest,
+            &key.verifying_key(),
+            Some(Digest::from_bytes([7; 32])),
+        )
+        .unwrap_err();
+        assert_eq!(error.kind(), "weight_digest");
+    }
+
+    #[test]
+    fn response_with_missing_outputs_is_rejected() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let error =
+            verify_response(&call(), Vec::new(), &key.verifying_key(), |_, _| None).unwrap_err();
+        assert_eq!(
+            error,
+            VerifyError::OutputCount {
+                expected: 1,
+                actual: 0
+            }
+        );
+    }
+}

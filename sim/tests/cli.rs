@@ -1,0 +1,95 @@
+//! The `expertnet-sim` binary as a user runs it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use expertnet_model::{Checkpoint, Family, Manifest};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_expertnet-sim");
+
+#[test]
+fn make_checkpoint_writes_a_complete_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny");
+    let output = Command::new(BINARY)
+        .args([
+            "make-checkpoint",
+            "--layers",
+            "2",
+            "--experts",
+            "4",
+            "--hidden",
+            "32",
+            "--ffn",
+            "64",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let model_id = String::from_utf8(output.stdout).unwrap();
+
+    let manifest = Manifest::load(&Manifest::path_in(&out)).unwrap();
+    assert_eq!(model_id.trim(), manifest.model_id());
+    let checkpoint = Checkpoint::open(&out).unwrap();
+    assert_eq!(checkpoint.config().num_experts(), 4);
+
+    let again = Command::new(BINARY)
+        .arg("make-checkpoint")
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let stderr = String::from_utf8(again.stderr).unwrap();
+    assert!(stderr.contains("already holds a checkpoint"), "{stderr}");
+}
+
+#[test]
+fn make_checkpoint_writes_qwen3_moe_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qwen");
+    let output = Command::new(BINARY)
+        .args([
+            "make-checkpoint",
+            "--layout",
+            "qwen3-moe",
+            "--dtype",
+            "bf16",
+            "--max-shard-bytes",
+            "100000",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(out.join("model.safetensors.index.json").exists());
+    let checkpoint = Checkpoint::open(&out).unwrap();
+    assert_eq!(checkpoint.family(), Family::Qwen3Moe);
+    assert_eq!(checkpoint.config().torch_dtype.as_deref(), Some("bfloat16"));
+}
+
+#[test]
+fn bad_options_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (vec!["--heads", "3"], "not a multiple of --heads"),
+        (vec!["--top-k", "9"], "larger than --experts"),
+        (vec!["--dtype", "int8"], "unknown dtype"),
+    ];
+    for (args, fragment) in cases {
+        let output = Command::new(BINARY)
+            .arg("make-checkpoint")
+            .args(&args)
+            .arg("--out")
+            .arg(dir.path().join("x"))
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.contains(fragment), "{args:?}: {stderr}");
+    }
+}
