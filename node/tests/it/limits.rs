@@ -250,3 +250,48 @@ async fn full_queue_rejects_and_recovers() {
     assert_eq!(node.metrics().rejections("queue_full"), 1);
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_deadline_skips_computation() {
+    let dir = tempfile::tempdir().unwrap();
+    common::checkpoint(dir.path(), DType::F32);
+    // The node holds each job for 1 s before computing; the request gives up after 100 ms.
+    let limits = Limits {
+        batch_wait: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let node = common::start(dir.path(), "0:0", limits).await;
+    let mut client = common::client(&node).await;
+
+    let mut request = tonic::Request::new(common::forward_request(
+        node.model_id(),
+        0,
+        &[(0, 2)],
+        DType::F32,
+    ));
+    request.set_timeout(Duration::from_millis(100));
+    let status = client.forward(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+
+    // The abandoned job is dropped when its pass comes up, without computing it.
+    for _ in 0..100 {
+        if node
+            .metrics()
+            .encode()
+            .contains("expertnet_cancelled_jobs_total 1")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        node.metrics()
+            .encode()
+            .contains("expertnet_cancelled_jobs_total 1")
+    );
+    assert_eq!(node.metrics().forward_passes(), 0);
+    node.shutdown().await.unwrap();
+}
