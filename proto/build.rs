@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/expertnet/v1/expert.proto",
         "proto/expertnet/v1/bench.proto",
+        "proto/expertnet/v1/record.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use expertnet_proto::DType;
 
-use crate::ExpertSpec;
+use crate::{ExpertSpec, P2pConfig};
 
 /// Limits that protect a node from requests it cannot serve. Each has a documented default;
 /// a request over a limit gets `RESOURCE_EXHAUSTED` with a message naming the limit, and the
@@ -61,6 +61,9 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// How long a graceful shutdown waits for in-flight requests. Default 30 s.
     pub drain_timeout: Duration,
+    /// Discovery over the Kademlia DHT; `None` runs a node reachable only by its gRPC
+    /// address.
+    pub p2p: Option<P2pConfig>,
 }
 
 impl NodeConfig {
@@ -77,6 +80,7 @@ impl NodeConfig {
             compute_dtype: DType::F32,
             limits: Limits::default(),
             drain_timeout: Duration::from_secs(30),
+            p2p: None,
         }
     }
 }

@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+mod announce;
 mod compute;
 mod config;
 mod host;
@@ -35,6 +36,7 @@ mod spec;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use announce::P2pConfig;
 pub use config::{Limits, NodeConfig};
 pub use key::{KeyError, NodeKey};
 pub use metrics::NodeMetrics;

@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use expertnet_model::{Checkpoint, Manifest};
-use expertnet_node::{ExpertSpec, Limits, Node, NodeConfig, NodeKey};
+use expertnet_node::{ExpertSpec, Limits, Node, NodeConfig, NodeKey, P2pConfig};
 use expertnet_proto::DType;
+use libp2p::Multiaddr;
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
@@ -31,7 +32,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Print the peer id of a key file.
+    /// Print the peer id of a key file, for building a bootstrap address
+    /// (/ip4/HOST/tcp/PORT/p2p/PEER_ID).
     Id {
         #[arg(long)]
         key: PathBuf,
@@ -104,6 +106,27 @@ struct RunArgs {
     /// Seconds a shutdown waits for in-flight requests [default: 30].
     #[arg(long)]
     drain_timeout_secs: Option<u64>,
+    /// libp2p listen address, repeatable [default: /ip4/127.0.0.1/tcp/4100 and
+    /// /ip4/127.0.0.1/udp/4100/quic-v1].
+    #[arg(long = "p2p-listen")]
+    #[serde(default)]
+    p2p_listen: Vec<Multiaddr>,
+    /// Peer to join the network through, repeatable, as /ip4/HOST/tcp/PORT/p2p/PEER_ID
+    /// (`expertnet-node id` prints a node's peer id). None: this is the first node.
+    #[arg(long)]
+    #[serde(default)]
+    bootstrap: Vec<Multiaddr>,
+    /// Address to announce instead of the listen addresses, repeatable: a libp2p address,
+    /// or a gRPC endpoint written as /ip4/HOST/tcp/PORT/http or /dns4/NAME/tcp/PORT/http.
+    #[arg(long = "external-addr")]
+    #[serde(default)]
+    external_addr: Vec<Multiaddr>,
+    /// Seconds the node's records live in the DHT without a republish [default: 90].
+    #[arg(long)]
+    record_ttl: Option<u64>,
+    /// Seconds between republications of the node's records [default: 30].
+    #[arg(long)]
+    republish_interval: Option<u64>,
 }
 
 impl RunArgs {
@@ -125,6 +148,11 @@ impl RunArgs {
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
             batch_wait_us: self.batch_wait_us.or(file.batch_wait_us),
             drain_timeout_secs: self.drain_timeout_secs.or(file.drain_timeout_secs),
+            p2p_listen: first_non_empty(self.p2p_listen, file.p2p_listen),
+            bootstrap: first_non_empty(self.bootstrap, file.bootstrap),
+            external_addr: first_non_empty(self.external_addr, file.external_addr),
+            record_ttl: self.record_ttl.or(file.record_ttl),
+            republish_interval: self.republish_interval.or(file.republish_interval),
         }
     }
 
@@ -163,6 +191,13 @@ impl RunArgs {
         if let Some(seconds) = self.drain_timeout_secs {
             config.drain_timeout = Duration::from_secs(seconds);
         }
+        config.p2p = Some(p2p_config(
+            self.p2p_listen,
+            self.bootstrap,
+            self.external_addr,
+            self.record_ttl,
+            self.republish_interval,
+        )?);
 
         let key = match self.key {
             Some(key) => key,
@@ -170,6 +205,49 @@ impl RunArgs {
         };
         Ok((config, key))
     }
+}
+
+fn first_non_empty<T>(first: Vec<T>, second: Vec<T>) -> Vec<T> {
+    if first.is_empty() { second } else { first }
+}
+
+fn p2p_config(
+    listen: Vec<Multiaddr>,
+    bootstrap: Vec<Multiaddr>,
+    external: Vec<Multiaddr>,
+    record_ttl: Option<u64>,
+    republish_interval: Option<u64>,
+) -> anyhow::Result<P2pConfig> {
+    let mut config = P2pConfig {
+        listen: if listen.is_empty() {
+            vec![
+                "/ip4/127.0.0.1/tcp/4100".parse()?,
+                "/ip4/127.0.0.1/udp/4100/quic-v1".parse()?,
+            ]
+        } else {
+            listen
+        },
+        bootstrap,
+        external,
+        ..P2pConfig::default()
+    };
+    if let Some(seconds) = record_ttl {
+        config.dht.record_ttl = Duration::from_secs(seconds);
+    }
+    if let Some(seconds) = republish_interval {
+        config.republish_interval = Duration::from_secs(seconds);
+    }
+    if config.dht.record_ttl.is_zero() || config.republish_interval.is_zero() {
+        bail!("--record-ttl and --republish-interval must be at least 1 second");
+    }
+    if config.republish_interval >= config.dht.record_ttl {
+        bail!(
+            "--republish-interval ({} s) must be shorter than --record-ttl ({} s), or the node's records lapse between republications; a third of the TTL is a good choice",
+            config.republish_interval.as_secs(),
+            config.dht.record_ttl.as_secs()
+        );
+    }
+    Ok(config)
 }
 
 fn default_key_path() -> anyhow::Result<PathBuf> {
@@ -213,8 +291,11 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // libp2p's own info and warning lines are about its internals, which the node already
+    // reports in its own terms.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,libp2p_kad=error,libp2p_swarm=error,libp2p_tcp=error,libp2p_quic=error,quinn=error,quinn_proto=error")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -40,6 +40,10 @@ pub struct NodeMetrics {
     queued_tokens: Gauge,
     rejections: Family<ReasonLabel, Counter>,
     cancelled: Counter,
+    records_rejected: Family<ReasonLabel, Counter>,
+    store_overflows: Family<ReasonLabel, Counter>,
+    publications: Family<CodeLabel, Counter>,
+    connected_peers: Gauge,
 }
 
 impl std::fmt::Debug for NodeMetrics {
@@ -117,6 +121,31 @@ impl NodeMetrics {
             cancelled.clone(),
         );
 
+        let records_rejected = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "dht_records_rejected",
+            "Node records and provider records from other peers rejected, by reason",
+            records_rejected.clone(),
+        );
+        let store_overflows = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "dht_store_overflows",
+            "Records not stored because the DHT store was full, by store",
+            store_overflows.clone(),
+        );
+        let publications = Family::<CodeLabel, Counter>::default();
+        registry.register(
+            "dht_publications",
+            "Publications of this node's record and provider keys, by result",
+            publications.clone(),
+        );
+        let connected_peers = Gauge::default();
+        registry.register(
+            "dht_connected_peers",
+            "Peers with an open libp2p connection",
+            connected_peers.clone(),
+        );
+
         Self {
             registry,
             requests,
@@ -129,6 +158,10 @@ impl NodeMetrics {
             queued_tokens,
             rejections,
             cancelled,
+            records_rejected,
+            store_overflows,
+            publications,
+            connected_peers,
         }
     }
 
@@ -163,6 +196,59 @@ impl NodeMetrics {
 
     pub(crate) fn record_cancelled(&self, jobs: usize) {
         self.cancelled.inc_by(jobs as u64);
+    }
+
+    pub(crate) fn record_rejected_record(&self, reason: &str) {
+        self.records_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn record_store_overflow(&self, store: &str) {
+        self.store_overflows
+            .get_or_create(&ReasonLabel {
+                reason: store.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn record_publication(&self, ok: bool) {
+        let code = if ok { "ok" } else { "failed" };
+        self.publications
+            .get_or_create(&CodeLabel {
+                code: code.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn set_connected_peers(&self, peers: usize) {
+        self.connected_peers.set(peers as i64);
+    }
+
+    /// Token rows waiting for computation now.
+    pub fn queued_tokens(&self) -> u64 {
+        self.queued_tokens.get().max(0) as u64
+    }
+
+    /// Records from other peers rejected for `reason` (such as `bad_signature`), so far.
+    pub fn rejected_records(&self, reason: &str) -> u64 {
+        self.records_rejected
+            .get(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .map_or(0, |counter| counter.get())
+    }
+
+    /// Records not stored because the store for `store` (`records` or `providers`) was
+    /// full, so far.
+    pub fn store_overflows(&self, store: &str) -> u64 {
+        self.store_overflows
+            .get(&ReasonLabel {
+                reason: store.to_owned(),
+            })
+            .map_or(0, |counter| counter.get())
     }
 
     /// Expert forward passes so far.

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
+use crate::announce::{Announcement, Announcer};
 use crate::compute::{ComputeQueue, QueueSettings};
 use crate::host::HostedModel;
 use crate::service::{ExpertServer, ExpertServiceImpl};
@@ -22,6 +23,9 @@ use crate::{NodeConfig, NodeError, NodeKey, NodeMetrics};
 /// from 1.8 to 0.75 ms (tonic 0.14, 2-core AMD EPYC).
 pub(crate) const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 pub(crate) const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+
+/// How long a shutdown waits for the withdrawn node record to be stored.
+const WITHDRAW_WAIT: Duration = Duration::from_secs(2);
 
 /// Entry point for running a node in-process.
 #[derive(Debug)]
@@ -39,6 +43,8 @@ pub struct RunningNode {
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_server: Option<JoinHandle<()>>,
+    announcer: Option<Announcer>,
+    p2p_addrs: Vec<libp2p::Multiaddr>,
     drain_timeout: Duration,
 }
 
@@ -144,6 +150,23 @@ impl Node {
             let _ = stop.changed().await;
         }));
 
+        let announcer = match config.p2p.clone() {
+            Some(p2p) => {
+                let announcement = Announcement {
+                    model_id: model.model_id.clone(),
+                    layers: model.layer_sets(),
+                    grpc_listen: grpc_addr,
+                    limits: node_limits(&config),
+                };
+                Some(Announcer::start(p2p, &key, announcement, Arc::clone(&metrics)).await?)
+            }
+            None => None,
+        };
+        let p2p_addrs: Vec<libp2p::Multiaddr> = announcer
+            .as_ref()
+            .map(|a| a.listen_addrs().to_vec())
+            .unwrap_or_default();
+
         tracing::info!(
             model_id = model.model_id,
             peer_id = %key.peer_id(),
@@ -151,6 +174,13 @@ impl Node {
             experts = model.experts.len(),
             "node is serving"
         );
+        for address in &p2p_addrs {
+            let full = address
+                .clone()
+                .with_p2p(key.peer_id())
+                .unwrap_or_else(|a| a);
+            tracing::info!(address = %full, "bootstrap address of this node");
+        }
         let (metrics_addr, metrics_server) = match metrics_server {
             Some((bound, task)) => {
                 if let Some(address) = bound {
@@ -171,6 +201,8 @@ impl Node {
             shutdown,
             server,
             metrics_server,
+            announcer,
+            p2p_addrs,
             drain_timeout: config.drain_timeout,
         })
     }
@@ -203,6 +235,17 @@ fn check_limits(config: &NodeConfig) -> Result<(), NodeError> {
         ));
     }
     Ok(())
+}
+
+fn node_limits(config: &NodeConfig) -> expertnet_proto::p2p::NodeLimits {
+    let limits = &config.limits;
+    let clamp = |value: usize| value.min(u32::MAX as usize) as u32;
+    expertnet_proto::p2p::NodeLimits {
+        max_message_bytes: limits.max_message_bytes as u64,
+        max_tokens_per_request: clamp(limits.max_tokens_per_request),
+        max_queued_tokens: clamp(limits.max_queued_tokens),
+        max_batch_tokens: clamp(limits.max_batch_tokens),
+    }
 }
 
 fn info_response(model: &HostedModel, key: &NodeKey, config: &NodeConfig) -> pb::InfoResponse {
@@ -249,6 +292,35 @@ impl RunningNode {
         &self.metrics
     }
 
+    /// The bound libp2p listen addresses, empty when discovery is off.
+    pub fn p2p_addrs(&self) -> &[libp2p::Multiaddr] {
+        &self.p2p_addrs
+    }
+
+    /// A full bootstrap address of this node (`.../p2p/<peer id>`): the first libp2p
+    /// listen address with the peer id appended.
+    pub fn bootstrap_addr(&self) -> Option<libp2p::Multiaddr> {
+        self.p2p_addrs.first().map(|address| {
+            address
+                .clone()
+                .with_p2p(self.key.peer_id())
+                .unwrap_or_else(|a| a)
+        })
+    }
+
+    /// Stops at once, as a crash would: connections drop, queued jobs are abandoned, and
+    /// the node's records stay in the DHT until they expire.
+    pub fn kill(self) {
+        self.server.abort();
+        if let Some(task) = self.metrics_server {
+            task.abort();
+        }
+        if let Some(announcer) = self.announcer {
+            announcer.abort();
+        }
+        tracing::info!(grpc = %self.grpc_addr, "node killed");
+    }
+
     /// Stops gracefully: stops accepting connections, finishes in-flight requests (waiting
     /// at most the configured drain timeout), then waits for queued computation to end.
     ///
@@ -257,6 +329,11 @@ impl RunningNode {
     pub async fn shutdown(self) -> Result<(), NodeError> {
         tracing::info!(grpc = %self.grpc_addr, "stopping: no new connections, finishing in-flight requests");
         let _ = self.shutdown.send(true);
+
+        // Withdraw first, so clients stop choosing this node while it drains.
+        if let Some(announcer) = self.announcer {
+            announcer.withdraw(WITHDRAW_WAIT).await;
+        }
 
         let mut server = self.server;
         let drained = tokio::time::timeout(self.drain_timeout, &mut server).await;

@@ -28,6 +28,8 @@
 
 mod experts;
 mod forward;
+#[cfg(feature = "p2p")]
+pub mod p2p;
 mod receipt;
 mod tensor;
 

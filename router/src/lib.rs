@@ -36,9 +36,11 @@
 #![forbid(unsafe_code)]
 
 mod client;
+pub mod discovery;
 mod identity;
 mod verify;
 
 pub use client::{ClientError, MAX_RESPONSE_BYTES, NodeClient};
+pub use discovery::{Discovery, DiscoveryConfig, DiscoveryError, LayerReplicas, Replica};
 pub use identity::{short_peer_id, verifying_key_of};
 pub use verify::{VerifyError, verify_output, verify_response};

@@ -1,5 +1,6 @@
 //! `expertnet`: query and call the expertnet network from the command line.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use expertnet_model::codec::{to_candle, wire_from_f32, wire_to_f32};
 use expertnet_model::rng::SplitMix64;
 use expertnet_model::{Checkpoint, Manifest, ModelError, max_row_relative_error};
 use expertnet_proto::{DType, ExpertInput, ForwardCall, LayerExperts, RequestId};
-use expertnet_router::{NodeClient, short_peer_id};
+use expertnet_router::{Discovery, DiscoveryConfig, NodeClient, short_peer_id};
 
 #[derive(Debug, Parser)]
 #[command(name = "expertnet", version, about = "Query and call expertnet nodes")]
@@ -22,6 +23,23 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// List the experts the network serves: per expert its replicas, node ids, endpoints,
+    /// load and record age.
+    Experts {
+        /// Peer to join the network through, repeatable:
+        /// /ip4/HOST/tcp/PORT/p2p/PEER_ID (`expertnet-node run` logs its own).
+        #[arg(long, required = true)]
+        bootstrap: Vec<libp2p::Multiaddr>,
+        /// Only this model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for the bootstrap peers.
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
+    },
     /// Print a node's identity, hosted experts and limits.
     Info {
         /// gRPC endpoint of the node, such as http://127.0.0.1:50051.
@@ -84,6 +102,20 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Experts {
+                bootstrap,
+                model,
+                json,
+                timeout_secs,
+            } => {
+                experts(
+                    bootstrap,
+                    model.as_deref(),
+                    json,
+                    Duration::from_secs(timeout_secs),
+                )
+                .await
+            }
             Command::Info { node, json } => info(&node, json).await,
             Command::Call {
                 node,
@@ -120,6 +152,109 @@ fn main() -> ExitCode {
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn experts(
+    bootstrap: Vec<libp2p::Multiaddr>,
+    model: Option<&str>,
+    json: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let discovery = Discovery::start(DiscoveryConfig::new(bootstrap))?;
+    discovery.wait_bootstrapped(timeout).await?;
+    let mut records = discovery.nodes().await?;
+    records.retain(|record| model.is_none_or(|model| record.model_id == model));
+    let now_ms = expertnet_proto::p2p::unix_millis();
+
+    // model id -> layer -> expert -> replicas
+    let mut table: BTreeMap<&str, BTreeMap<u32, BTreeMap<u32, Vec<serde_json::Value>>>> =
+        BTreeMap::new();
+    for record in &records {
+        let replica = serde_json::json!({
+            "node_id": record.peer_id.to_base58(),
+            "short_id": short_peer_id(&record.peer_id),
+            "endpoints": record.grpc_endpoints,
+            "load_tokens": record.load_tokens,
+            "capacity_tokens": record.capacity_tokens,
+            "record_age_ms": now_ms.saturating_sub(record.timestamp_ms),
+            "version": record.version,
+        });
+        for set in &record.layers {
+            for expert in set.experts() {
+                table
+                    .entry(record.model_id.as_str())
+                    .or_default()
+                    .entry(set.layer)
+                    .or_default()
+                    .entry(expert)
+                    .or_default()
+                    .push(replica.clone());
+            }
+        }
+    }
+
+    if json {
+        let models: Vec<serde_json::Value> = table
+            .iter()
+            .map(|(model_id, layers)| {
+                let layers: Vec<serde_json::Value> = layers
+                    .iter()
+                    .map(|(layer, experts)| {
+                        let experts: Vec<serde_json::Value> = experts
+                            .iter()
+                            .map(|(expert, replicas)| serde_json::json!({"expert": expert, "replicas": replicas}))
+                            .collect();
+                        serde_json::json!({"layer": layer, "experts": experts})
+                    })
+                    .collect();
+                serde_json::json!({"model_id": model_id, "layers": layers})
+            })
+            .collect();
+        let value = serde_json::json!({"nodes": records.len(), "models": models});
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+
+    if table.is_empty() {
+        match model {
+            Some(model) => println!(
+                "no node serves model {model} ({} nodes found)",
+                records.len()
+            ),
+            None => println!("no experts found ({} nodes found)", records.len()),
+        }
+        return Ok(());
+    }
+    for (model_id, layers) in &table {
+        println!("model {model_id}");
+        println!(
+            "  {:>5} {:>7}  replicas (node, endpoint, load/capacity tokens, record age)",
+            "layer", "experts"
+        );
+        for (layer, experts) in layers {
+            // Consecutive experts with the same replicas share a line.
+            let mut rows: Vec<(u32, u32, String)> = Vec::new();
+            for (&expert, replicas) in experts {
+                let described = describe_replicas(replicas);
+                match rows.last_mut() {
+                    Some((_, last, text)) if *last + 1 == expert && *text == described => {
+                        *last = expert
+                    }
+                    _ => rows.push((expert, expert, described)),
+                }
+            }
+            for (first, last, text) in rows {
+                let experts = if first == last {
+                    first.to_string()
+                } else {
+                    format!("{first}-{last}")
+                };
+                println!("  {layer:>5} {experts:>7}  {text}");
+            }
+        }
+    }
+    println!("{} nodes", records.len());
+    Ok(())
+}
 
 async fn info(endpoint: &str, json: bool) -> anyhow::Result<()> {
     let node = NodeClient::connect(endpoint, None, CONNECT_TIMEOUT).await?;
@@ -189,6 +324,23 @@ async fn info(endpoint: &str, json: bool) -> anyhow::Result<()> {
         limits.max_batch_tokens
     );
     Ok(())
+}
+
+fn describe_replicas(replicas: &[serde_json::Value]) -> String {
+    let described: Vec<String> = replicas
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {}/{} {:.0}s",
+                r["short_id"].as_str().unwrap_or_default(),
+                r["endpoints"][0].as_str().unwrap_or("-"),
+                r["load_tokens"],
+                r["capacity_tokens"],
+                r["record_age_ms"].as_u64().unwrap_or(0) as f64 / 1e3
+            )
+        })
+        .collect();
+    described.join("; ")
 }
 
 struct CallOptions {

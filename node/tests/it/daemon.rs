@@ -12,22 +12,22 @@ use nix::unistd::Pid;
 
 use crate::common;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_expertnet-node");
+pub(crate) const BINARY: &str = env!("CARGO_BIN_EXE_expertnet-node");
 
-fn node_command() -> Command {
+pub(crate) fn node_command() -> Command {
     let mut command = Command::new(BINARY);
     command.env("RUST_LOG", "info").env_remove("XDG_DATA_HOME");
     command
 }
 
 /// A daemon started by a test; killed on drop if still running.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     lines: mpsc::Receiver<String>,
 }
 
 impl Daemon {
-    fn spawn(command: &mut Command) -> Self {
+    pub(crate) fn spawn(command: &mut Command) -> Self {
         let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -46,7 +46,7 @@ impl Daemon {
     }
 
     /// Waits for a log line containing `fragment`, returning it.
-    fn wait_for(&self, fragment: &str) -> String {
+    pub(crate) fn wait_for(&self, fragment: &str) -> String {
         loop {
             let line = self
                 .lines
@@ -58,11 +58,11 @@ impl Daemon {
         }
     }
 
-    fn signal(&self, signal: Signal) {
+    pub(crate) fn signal(&self, signal: Signal) {
         kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
     }
 
-    fn wait_exit(mut self) -> std::process::ExitStatus {
+    pub(crate) fn wait_exit(mut self) -> std::process::ExitStatus {
         for _ in 0..600 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
@@ -82,7 +82,7 @@ impl Drop for Daemon {
     }
 }
 
-fn grpc_address(line: &str) -> String {
+pub(crate) fn grpc_address(line: &str) -> String {
     let start = line.find("grpc=").unwrap() + "grpc=".len();
     line[start..].split_whitespace().next().unwrap().to_owned()
 }

@@ -5,6 +5,7 @@
 
 mod common;
 mod daemon;
+mod discovery;
 mod forward;
 mod limits;
 mod startup;
