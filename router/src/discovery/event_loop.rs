@@ -96,7 +96,7 @@ struct EventLoop {
     stats: Arc<DiscoveryStats>,
     bootstrap: Bootstrapper,
     allow_loopback: bool,
-    /// Whether the routing table has at least one peer, so queries can run.
+    /// Whether a connection to the network has been made, so queries can run.
     routable: bool,
     bootstrap_waiters: Vec<oneshot::Sender<()>>,
     /// The newest valid node record seen per peer.
@@ -252,11 +252,23 @@ impl EventLoop {
         match event {
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
-            } if self
-                .bootstrap
-                .on_connected(&peer_id, endpoint.get_remote_address()) =>
-            {
-                let _ = swarm.behaviour_mut().kad.bootstrap();
+            } => {
+                if self
+                    .bootstrap
+                    .on_connected(&peer_id, endpoint.get_remote_address())
+                {
+                    let _ = swarm.behaviour_mut().kad.bootstrap();
+                }
+                if !self.routable {
+                    // The first connection: queries can run from now on.
+                    self.routable = true;
+                    for waiter in self.bootstrap_waiters.drain(..) {
+                        let _ = waiter.send(());
+                    }
+                    for target in std::mem::take(&mut self.waiting_for_peers) {
+                        self.start_lookup(swarm, &target);
+                    }
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
@@ -271,51 +283,43 @@ impl EventLoop {
     }
 
     fn on_kad_event(&mut self, swarm: &mut Swarm<Behaviour>, event: kad::Event) {
-        match event {
-            kad::Event::RoutingUpdated { .. } if !self.routable => {
-                self.routable = true;
-                for waiter in self.bootstrap_waiters.drain(..) {
-                    let _ = waiter.send(());
+        let kad::Event::OutboundQueryProgressed {
+            id, result, step, ..
+        } = event
+        else {
+            return;
+        };
+        match result {
+            kad::QueryResult::GetProviders(result) => {
+                let Some(target) = self.provider_queries.get(&id).cloned() else {
+                    return;
+                };
+                if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = result {
+                    for provider in providers {
+                        self.on_provider(swarm, &target, provider);
+                    }
                 }
-                for target in std::mem::take(&mut self.waiting_for_peers) {
-                    self.start_lookup(swarm, &target);
+                if step.last {
+                    self.provider_queries.remove(&id);
+                    if let Some(lookup) = self.lookups.get_mut(&target) {
+                        lookup.providers_done = true;
+                    }
+                    self.complete_if_done(&target);
                 }
             }
-            kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
-            } => match result {
-                kad::QueryResult::GetProviders(result) => {
-                    let Some(target) = self.provider_queries.get(&id).cloned() else {
-                        return;
-                    };
-                    if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = result {
-                        for provider in providers {
-                            self.on_provider(swarm, &target, provider);
-                        }
-                    }
-                    if step.last {
-                        self.provider_queries.remove(&id);
-                        if let Some(lookup) = self.lookups.get_mut(&target) {
-                            lookup.providers_done = true;
-                        }
-                        self.complete_if_done(&target);
-                    }
+            kad::QueryResult::GetRecord(result) => {
+                let Some(&peer) = self.record_queries.get(&id) else {
+                    return;
+                };
+                if let Ok(GetRecordOk::FoundRecord(found)) = result {
+                    self.on_record(peer, &found.record);
                 }
-                kad::QueryResult::GetRecord(result) => {
-                    let Some(&peer) = self.record_queries.get(&id) else {
-                        return;
-                    };
-                    if let Ok(GetRecordOk::FoundRecord(found)) = result {
-                        self.on_record(peer, &found.record);
-                    }
-                    if step.last {
-                        self.record_queries.remove(&id);
-                        self.records_in_flight.remove(&peer);
-                        self.record_done(&peer);
-                    }
+                if step.last {
+                    self.record_queries.remove(&id);
+                    self.records_in_flight.remove(&peer);
+                    self.record_done(&peer);
                 }
-                _ => {}
-            },
+            }
             _ => {}
         }
     }

@@ -97,3 +97,107 @@ fn call_to_a_closed_port_names_the_address() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains(&endpoint), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experts_lists_the_network() {
+    use expertnet_node::P2pConfig;
+
+    let dir = tempfile::tempdir().unwrap();
+    generate_checkpoint(dir.path(), &small_options()).unwrap();
+    let start = |spec: &'static str, bootstrap: Vec<libp2p::Multiaddr>| {
+        let mut config = NodeConfig::new(dir.path(), spec.parse::<ExpertSpec>().unwrap());
+        config.p2p = Some(P2pConfig {
+            bootstrap,
+            ..P2pConfig::default()
+        });
+        Node::start(config, NodeKey::generate().unwrap())
+    };
+    let first = start("0:0-1", Vec::new()).await.unwrap();
+    let address = first.bootstrap_addr().unwrap();
+    let second = start("0:1-3,1:*", vec![address.clone()]).await.unwrap();
+    let model_id = first.model_id().to_owned();
+
+    let list = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            Command::new(BINARY)
+                .arg("experts")
+                .args(&args)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+
+    // Both nodes announce within about a second; retry a few times in case the second is
+    // still joining.
+    let mut listing = serde_json::Value::Null;
+    for _ in 0..20 {
+        let output = list(vec![
+            "--bootstrap".into(),
+            address.to_string(),
+            "--json".into(),
+        ])
+        .await;
+        assert!(output.status.success(), "{output:?}");
+        listing = serde_json::from_slice(&output.stdout).unwrap();
+        if listing["nodes"] == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert_eq!(listing["nodes"], 2, "{listing}");
+    let model = &listing["models"][0];
+    assert_eq!(model["model_id"], model_id.as_str());
+    let layer0 = &model["layers"][0];
+    assert_eq!(layer0["layer"], 0);
+    let expert1 = &layer0["experts"][1];
+    assert_eq!(expert1["expert"], 1);
+    assert_eq!(
+        expert1["replicas"].as_array().unwrap().len(),
+        2,
+        "{expert1}"
+    );
+    assert_eq!(model["layers"][1]["experts"].as_array().unwrap().len(), 4);
+
+    let output = list(vec!["--bootstrap".into(), address.to_string()]).await;
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains(&format!("model {model_id}")), "{text}");
+    assert!(text.contains("2 nodes"), "{text}");
+
+    let output = list(vec![
+        "--bootstrap".into(),
+        address.to_string(),
+        "--model".into(),
+        "mixtral-other".into(),
+    ])
+    .await;
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.contains("no node serves model mixtral-other"),
+        "{text}"
+    );
+
+    second.shutdown().await.unwrap();
+    first.shutdown().await.unwrap();
+}
+
+#[test]
+fn experts_with_unreachable_bootstrap_names_it() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let peer = NodeKey::from_secret([9; 32]).peer_id();
+    let address = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}");
+    let started = std::time::Instant::now();
+    let output = Command::new(BINARY)
+        .args(["experts", "--bootstrap", &address, "--timeout-secs", "2"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains(&address), "{stderr}");
+}
