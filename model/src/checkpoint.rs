@@ -103,7 +103,7 @@ impl Checkpoint {
         let config_path = dir.join(CONFIG_FILE);
         let config_bytes = std::fs::read(&config_path).map_err(|source| ModelError::Io {
             path: config_path.clone(),
-            source,
+            error: source,
         })?;
         let config =
             ModelConfig::from_json(&config_bytes).map_err(|reason| ModelError::Config {
@@ -318,7 +318,7 @@ impl Shard {
     fn open(path: &Path) -> Result<Self, ModelError> {
         let io_error = |source| ModelError::Io {
             path: path.to_owned(),
-            source,
+            error: source,
         };
         let file = File::open(path).map_err(io_error)?;
         // SAFETY: the map is read-only. Changing the file while it is mapped is undefined
@@ -376,7 +376,7 @@ struct IndexFile {
 fn read_index(path: &Path) -> Result<BTreeMap<String, String>, ModelError> {
     let text = std::fs::read(path).map_err(|source| ModelError::Io {
         path: path.to_owned(),
-        source,
+        error: source,
     })?;
     let index: IndexFile = serde_json::from_slice(&text).map_err(|error| ModelError::Index {
         path: path.to_owned(),

@@ -116,7 +116,7 @@ impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read(path).map_err(|source| ModelError::Io {
             path: path.to_owned(),
-            source,
+            error: source,
         })?;
         Self::from_json(&text).map_err(|reason| ModelError::Config {
             path: path.to_owned(),

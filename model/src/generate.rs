@@ -97,7 +97,7 @@ pub fn generate_checkpoint(
     }
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
         path: dir.to_owned(),
-        source,
+        error: source,
     })?;
 
     let specs = tensor_specs(options);
@@ -472,7 +472,7 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> 
     let text = serde_json::to_string_pretty(value).unwrap_or_default() + "\n";
     std::fs::write(path, text).map_err(|source| ModelError::Io {
         path: PathBuf::from(path),
-        source,
+        error: source,
     })
 }
 

@@ -40,11 +40,10 @@ pub use manifest::{MANIFEST_FILE, Manifest};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ModelError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("invalid config {path}: {reason}")]
     Config { path: PathBuf, reason: String },

@@ -123,7 +123,7 @@ impl Manifest {
             Err(source) => {
                 return Err(ModelError::Io {
                     path: path.to_owned(),
-                    source,
+                    error: source,
                 });
             }
         };
@@ -202,7 +202,7 @@ impl Manifest {
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
         std::fs::write(path, self.to_json() + "\n").map_err(|source| ModelError::Io {
             path: path.to_owned(),
-            source,
+            error: source,
         })
     }
 

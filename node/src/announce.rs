@@ -452,8 +452,7 @@ impl State {
         let keys = announcement
             .layers
             .iter()
-            .map(|set| p2p::layer_key(&announcement.model_id, set.layer))
-            .chain([p2p::directory_key()]);
+            .map(|set| p2p::layer_key(&announcement.model_id, set.layer));
         for key in keys {
             if withdrawn {
                 kad.stop_providing(&key);

@@ -25,11 +25,10 @@ pub enum KeyError {
     Malformed { path: PathBuf, reason: String },
     #[error("key file {path} already exists; it was left unchanged")]
     Exists { path: PathBuf },
-    #[error("cannot access key file {path}: {source}")]
+    #[error("cannot access key file {path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("the operating system's random source failed: {0}")]
     Random(String),
@@ -98,7 +97,7 @@ impl NodeKey {
             Err(source) => {
                 return Err(KeyError::Io {
                     path: path.to_owned(),
-                    source,
+                    error: source,
                 });
             }
         };
@@ -118,7 +117,7 @@ impl NodeKey {
     pub fn save_new(&self, path: &Path) -> Result<(), KeyError> {
         let io_error = |source| KeyError::Io {
             path: path.to_owned(),
-            source,
+            error: source,
         };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(io_error)?;

@@ -55,19 +55,14 @@ pub enum NodeError {
     Key(#[from] KeyError),
     #[error("invalid node configuration: {0}")]
     Config(String),
-    #[error("cannot listen for {what} on {address}: {source}")]
+    #[error("cannot listen for {what} on {address}: {error}")]
     Bind {
         what: &'static str,
         address: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot {what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot {what}: {error}")]
+    Io { what: String, error: std::io::Error },
     #[error("gRPC server failed: {0}")]
     Serve(String),
     #[error("in-flight requests did not finish within the drain timeout of {timeout:?}")]

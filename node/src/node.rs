@@ -84,7 +84,7 @@ impl Node {
         let queue = ComputeQueue::new(Arc::clone(&model), &settings, Arc::clone(&metrics))
             .map_err(|source| NodeError::Io {
                 what: "start the compute threads".to_owned(),
-                source,
+                error: source,
             })?;
 
         let listener = TcpListener::bind(config.grpc_listen)
@@ -92,11 +92,11 @@ impl Node {
             .map_err(|source| NodeError::Bind {
                 what: "gRPC",
                 address: config.grpc_listen,
-                source,
+                error: source,
             })?;
         let grpc_addr = listener.local_addr().map_err(|source| NodeError::Io {
             what: "read the gRPC listen address".to_owned(),
-            source,
+            error: source,
         })?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -108,7 +108,7 @@ impl Node {
                         .map_err(|source| NodeError::Bind {
                             what: "metrics",
                             address,
-                            source,
+                            error: source,
                         })?;
                 let bound = listener.local_addr().ok();
                 let task = tokio::spawn(crate::metrics::serve(

@@ -16,26 +16,14 @@ pub enum ForwardError {
     NoInputs,
     #[error("expert {expert} appears more than once; merge its tokens into one input")]
     DuplicateExpert { expert: u32 },
-    #[error("input for expert {expert}: {source}")]
-    Tensor {
-        expert: u32,
-        #[source]
-        source: TensorError,
-    },
+    #[error("input for expert {expert}: {error}")]
+    Tensor { expert: u32, error: TensorError },
     #[error("input for expert {expert} has zero tokens; leave the expert out instead")]
     ZeroTokens { expert: u32 },
-    #[error("output for expert {expert}: {source}")]
-    OutputTensor {
-        expert: u32,
-        #[source]
-        source: TensorError,
-    },
-    #[error("output for expert {expert}: {source}")]
-    Receipt {
-        expert: u32,
-        #[source]
-        source: ReceiptError,
-    },
+    #[error("output for expert {expert}: {error}")]
+    OutputTensor { expert: u32, error: TensorError },
+    #[error("output for expert {expert}: {error}")]
+    Receipt { expert: u32, error: ReceiptError },
 }
 
 /// The tokens of one expert: a `[tokens, hidden_size]` matrix with at least one row.
@@ -131,10 +119,16 @@ impl TryFrom<pb::ForwardRequest> for ForwardCall {
                 .hidden
                 .ok_or(TensorError::Missing)
                 .and_then(WireTensor::try_from)
-                .map_err(|source| ForwardError::Tensor { expert, source })?;
+                .map_err(|source| ForwardError::Tensor {
+                    expert,
+                    error: source,
+                })?;
             let (tokens, _) = hidden
                 .matrix_dims()
-                .map_err(|source| ForwardError::Tensor { expert, source })?;
+                .map_err(|source| ForwardError::Tensor {
+                    expert,
+                    error: source,
+                })?;
             if tokens == 0 {
                 return Err(ForwardError::ZeroTokens { expert });
             }
@@ -179,12 +173,18 @@ impl TryFrom<pb::ExpertOutput> for ExpertOutput {
             .output
             .ok_or(TensorError::Missing)
             .and_then(WireTensor::try_from)
-            .map_err(|source| ForwardError::OutputTensor { expert, source })?;
+            .map_err(|source| ForwardError::OutputTensor {
+                expert,
+                error: source,
+            })?;
         let receipt = output
             .receipt
             .ok_or(ReceiptError::Missing)
             .and_then(Receipt::try_from)
-            .map_err(|source| ForwardError::Receipt { expert, source })?;
+            .map_err(|source| ForwardError::Receipt {
+                expert,
+                error: source,
+            })?;
         Ok(ExpertOutput {
             expert,
             output: tensor,
@@ -263,14 +263,14 @@ mod tests {
                 missing_tensor,
                 ForwardError::Tensor {
                     expert: 0,
-                    source: TensorError::Missing,
+                    error: TensorError::Missing,
                 },
             ),
             (
                 rank_three,
                 ForwardError::Tensor {
                     expert: 0,
-                    source: TensorError::Rank {
+                    error: TensorError::Rank {
                         rank: 3,
                         expected: 2,
                     },

@@ -39,11 +39,10 @@ pub enum ClientError {
     },
     #[error("node at {endpoint} sent an invalid identity: {reason}")]
     Identity { endpoint: String, reason: String },
-    #[error("node at {endpoint} sent a result that failed verification: {source}")]
+    #[error("node at {endpoint} sent a result that failed verification: {error}")]
     Verify {
         endpoint: String,
-        #[source]
-        source: VerifyError,
+        error: VerifyError,
     },
 }
 
@@ -164,7 +163,7 @@ impl NodeClient {
         verify_response(call, response.outputs, &self.key, expected_weights).map_err(|source| {
             ClientError::Verify {
                 endpoint: self.endpoint.clone(),
-                source,
+                error: source,
             }
         })
     }

@@ -466,7 +466,11 @@ fn load_reference(
     // checked.
     let expert = match checkpoint.load_expert(layer, expert, DType::F32, &Device::Cpu) {
         Ok(expert) => Some(expert),
-        Err(ModelError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
+        Err(ModelError::Io { error: source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            None
+        }
         Err(ModelError::MissingTensor { .. }) => None,
         Err(error) => return Err(error.into()),
     };

@@ -18,12 +18,8 @@ pub enum VerifyError {
     },
     #[error("expert {expert}: malformed output: {reason}")]
     Malformed { expert: u32, reason: String },
-    #[error("expert {expert}: {source}")]
-    Receipt {
-        expert: u32,
-        #[source]
-        source: ReceiptError,
-    },
+    #[error("expert {expert}: {error}")]
+    Receipt { expert: u32, error: ReceiptError },
     #[error("expert {expert}: receipt field {field} does not match the request")]
     ReceiptField { expert: u32, field: &'static str },
     #[error("expert {expert}: receipt input digest does not match the tokens sent")]
@@ -63,7 +59,7 @@ impl VerifyError {
             VerifyError::OutputCount { .. } | VerifyError::WrongExpert { .. } => "wrong_outputs",
             VerifyError::Malformed { .. } => "malformed",
             VerifyError::Receipt {
-                source: ReceiptError::BadSignature { .. },
+                error: ReceiptError::BadSignature { .. },
                 ..
             } => "bad_signature",
             VerifyError::Receipt { .. } => "malformed_receipt",
@@ -143,7 +139,10 @@ pub fn verify_output(
     output
         .receipt
         .verify(node_key)
-        .map_err(|source| VerifyError::Receipt { expert, source })?;
+        .map_err(|source| VerifyError::Receipt {
+            expert,
+            error: source,
+        })?;
 
     if let Some(index) = tensor.first_non_finite() {
         let columns = tensor.shape().get(1).copied().unwrap_or(1).max(1);

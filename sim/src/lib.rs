@@ -1,9 +1,10 @@
 //! Simulations and benchmarks of expertnet networks on one machine.
 //!
 //! The `expertnet-sim` binary generates checkpoints (`make-checkpoint`) and measures nodes
-//! (`bench node`); the checkpoint generator itself lives in `expertnet-model` so that every
+//! (`bench node`, `bench dht`); the checkpoint generator itself lives in `expertnet-model` so that every
 //! crate's tests can use it.
 
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod dht_bench;

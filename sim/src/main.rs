@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use expertnet_model::{Family, GeneratorOptions, Manifest, generate_checkpoint};
 use expertnet_proto::DType;
 use expertnet_sim::bench::{self, BenchOptions};
+use expertnet_sim::dht_bench;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -90,6 +91,25 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// Discovery with real nodes in one process: cold lookups, time until a new node is
+    /// visible, memory per node.
+    Dht {
+        /// Network sizes, comma-separated, each including the bootstrap node.
+        #[arg(long, default_value = "20,100", value_delimiter = ',')]
+        nodes: Vec<usize>,
+        /// Milliseconds between two nodes' starts.
+        #[arg(long, default_value_t = 300)]
+        stagger_ms: u64,
+        /// Cold lookups per network size.
+        #[arg(long, default_value_t = 50)]
+        lookups: usize,
+        /// Timed joins of a new node per network size.
+        #[arg(long, default_value_t = 5)]
+        joins: usize,
+        /// Print JSON instead of Markdown.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -143,6 +163,13 @@ fn main() -> ExitCode {
             batches,
             json,
         }) => bench_node(seconds, &sizes, batches, json),
+        Command::Bench(Bench::Dht {
+            nodes,
+            stagger_ms,
+            lookups,
+            joins,
+            json,
+        }) => bench_dht(nodes, stagger_ms, lookups, joins, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -169,6 +196,37 @@ fn make_checkpoint(out: &std::path::Path, options: &GeneratorOptions) -> anyhow:
         options.dtype
     );
     println!("{}", manifest.model_id());
+    Ok(())
+}
+
+fn bench_dht(
+    nodes: Vec<usize>,
+    stagger_ms: u64,
+    lookups: usize,
+    joins: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    if nodes.iter().any(|&n| !(2..=500).contains(&n)) {
+        anyhow::bail!("--nodes values must be between 2 and 500, got {nodes:?}");
+    }
+    if lookups == 0 || lookups > 10_000 || joins > 100 {
+        anyhow::bail!("--lookups must be 1 to 10000 and --joins at most 100");
+    }
+    let options = dht_bench::DhtBenchOptions {
+        sizes: nodes,
+        stagger: Duration::from_millis(stagger_ms),
+        lookups,
+        joins,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let rows = runtime.block_on(dht_bench::run(&options))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", dht_bench::to_markdown(&rows));
+    }
     Ok(())
 }
 

@@ -11,12 +11,6 @@ pub fn layer_key(model_id: &str, layer: u32) -> RecordKey {
     RecordKey::new(&format!("{PREFIX}/layer/{model_id}/{layer}"))
 }
 
-/// The provider key every node provides, so clients can list the network's nodes and the
-/// models they serve.
-pub fn directory_key() -> RecordKey {
-    RecordKey::new(&format!("{PREFIX}/nodes"))
-}
-
 /// The key under which a node publishes its signed node record.
 pub fn node_record_key(peer_id: &PeerId) -> RecordKey {
     RecordKey::new(&format!("{PREFIX}/node/{peer_id}"))
@@ -59,7 +53,6 @@ mod tests {
     #[test]
     fn provider_keys_are_recognized() {
         assert!(is_provider_key(&layer_key("mixtral-00", 3)));
-        assert!(is_provider_key(&directory_key()));
         assert!(!is_provider_key(&node_record_key(&PeerId::random())));
         assert!(!is_provider_key(&RecordKey::new(&"something else")));
     }

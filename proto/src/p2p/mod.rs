@@ -5,7 +5,7 @@ mod keys;
 mod record;
 mod swarm;
 
-pub use keys::{directory_key, is_provider_key, layer_key, node_record_key, parse_node_record_key};
+pub use keys::{is_provider_key, layer_key, node_record_key, parse_node_record_key};
 pub use record::{
     MAX_NODE_RECORD_BYTES, NODE_RECORD_DOMAIN, NodeLimits, NodeRecord, RecordClock, RecordError,
 };

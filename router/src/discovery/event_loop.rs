@@ -61,9 +61,17 @@ pub(super) fn spawn(
 /// What a lookup is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Target {
-    Layer { model_id: String, layer: u32 },
+    Layer {
+        model_id: String,
+        layer: u32,
+    },
+    /// Every node the client can find, by walking the DHT.
     Directory,
 }
+
+/// Random lookups of a directory walk. Each returns the 20 peers closest to a random key,
+/// so a network of a few hundred nodes is covered; a larger one is sampled.
+const WALK_LOOKUPS: usize = 16;
 
 enum Waiter {
     Layer(oneshot::Sender<Arc<LayerReplicas>>),
@@ -72,8 +80,11 @@ enum Waiter {
 
 struct Lookup {
     waiters: Vec<Waiter>,
+    /// Peers whose node records the lookup uses: providers of a layer key, or every peer
+    /// a directory walk met.
     providers: HashSet<PeerId>,
-    providers_done: bool,
+    /// DHT queries of this lookup still running.
+    queries_left: usize,
     /// Providers whose node record is being fetched.
     pending_records: HashSet<PeerId>,
     deadline: Instant,
@@ -184,7 +195,7 @@ impl EventLoop {
         let lookup = Lookup {
             waiters: waiter.into_iter().collect(),
             providers: HashSet::new(),
-            providers_done: false,
+            queries_left: 0,
             pending_records: HashSet::new(),
             deadline: Instant::now() + self.config.lookup_timeout,
             started: false,
@@ -202,12 +213,19 @@ impl EventLoop {
             return;
         };
         lookup.started = true;
-        let key = match target {
-            Target::Layer { model_id, layer } => p2p::layer_key(model_id, *layer),
-            Target::Directory => p2p::directory_key(),
+        let kad = &mut swarm.behaviour_mut().kad;
+        let queries: Vec<QueryId> = match target {
+            Target::Layer { model_id, layer } => {
+                vec![kad.get_providers(p2p::layer_key(model_id, *layer))]
+            }
+            Target::Directory => (0..WALK_LOOKUPS)
+                .map(|_| kad.get_closest_peers(PeerId::random()))
+                .collect(),
         };
-        let query = swarm.behaviour_mut().kad.get_providers(key);
-        self.provider_queries.insert(query, target.clone());
+        lookup.queries_left = queries.len();
+        for query in queries {
+            self.provider_queries.insert(query, target.clone());
+        }
         tracing::debug!(?target, "lookup started");
     }
 
@@ -300,11 +318,22 @@ impl EventLoop {
                     }
                 }
                 if step.last {
-                    self.provider_queries.remove(&id);
-                    if let Some(lookup) = self.lookups.get_mut(&target) {
-                        lookup.providers_done = true;
-                    }
-                    self.complete_if_done(&target);
+                    self.query_finished(id, &target);
+                }
+            }
+            kad::QueryResult::GetClosestPeers(result) => {
+                let Some(target) = self.provider_queries.get(&id).cloned() else {
+                    return;
+                };
+                let peers = match result {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                for peer in peers {
+                    self.on_provider(swarm, &target, peer.peer_id);
+                }
+                if step.last {
+                    self.query_finished(id, &target);
                 }
             }
             kad::QueryResult::GetRecord(result) => {
@@ -312,7 +341,15 @@ impl EventLoop {
                     return;
                 };
                 if let Ok(GetRecordOk::FoundRecord(found)) = result {
-                    self.on_record(peer, &found.record);
+                    if self.on_record(peer, &found.record) && !step.last {
+                        // One valid record is enough: the K peers that store a node's
+                        // record all receive each republication, so waiting for the
+                        // others only adds latency. A newer record, if any, arrives with
+                        // the next refresh.
+                        if let Some(mut query) = swarm.behaviour_mut().kad.query_mut(&id) {
+                            query.finish();
+                        }
+                    }
                 }
                 if step.last {
                     self.record_queries.remove(&id);
@@ -322,6 +359,14 @@ impl EventLoop {
             }
             _ => {}
         }
+    }
+
+    fn query_finished(&mut self, id: QueryId, target: &Target) {
+        self.provider_queries.remove(&id);
+        if let Some(lookup) = self.lookups.get_mut(target) {
+            lookup.queries_left = lookup.queries_left.saturating_sub(1);
+        }
+        self.complete_if_done(target);
     }
 
     fn on_provider(&mut self, swarm: &mut Swarm<Behaviour>, target: &Target, provider: PeerId) {
@@ -351,10 +396,11 @@ impl EventLoop {
     }
 
     /// Validates a node record found in the DHT and keeps it when it is the newest seen.
-    fn on_record(&mut self, peer: PeerId, record: &kad::Record) {
+    /// Returns whether the record was valid.
+    fn on_record(&mut self, peer: PeerId, record: &kad::Record) -> bool {
         if p2p::parse_node_record_key(&record.key) != Some(peer) {
             self.stats.record_rejected("unknown_key");
-            return;
+            return false;
         }
         let clock = RecordClock {
             now_ms: p2p::unix_millis(),
@@ -366,7 +412,7 @@ impl EventLoop {
             Err(error) => {
                 tracing::debug!(%peer, %error, "rejected a node record");
                 self.stats.record_rejected(error.reason());
-                return;
+                return false;
             }
         };
         if self
@@ -374,7 +420,7 @@ impl EventLoop {
             .get(&peer)
             .is_some_and(|&sequence| node_record.sequence <= sequence)
         {
-            return;
+            return false;
         }
         self.suppressed.remove(&peer);
 
@@ -393,6 +439,7 @@ impl EventLoop {
         } else {
             self.stats.record_rejected("older_sequence");
         }
+        newer
     }
 
     fn record_done(&mut self, peer: &PeerId) {
@@ -410,7 +457,7 @@ impl EventLoop {
 
     fn complete_if_done(&mut self, target: &Target) {
         let done = self.lookups.get(target).is_some_and(|lookup| {
-            lookup.started && lookup.providers_done && lookup.pending_records.is_empty()
+            lookup.started && lookup.queries_left == 0 && lookup.pending_records.is_empty()
         });
         if done {
             self.complete(target);

@@ -262,7 +262,9 @@ impl Discovery {
         receiver.await.map_err(|_| DiscoveryError::Stopped)
     }
 
-    /// The current node records of every node in the network's directory, for listings.
+    /// The current node records of the nodes a walk of the DHT finds, for listings. A walk
+    /// makes 16 random lookups, which cover a network of a few hundred nodes; larger
+    /// networks are sampled.
     ///
     /// # Errors
     /// [`DiscoveryError::Stopped`] when the task has stopped.
