@@ -279,10 +279,10 @@ async fn cold_provider_lookup(
                 providers,
                 ..
             })) = result
+                && first.is_none()
+                && !providers.is_empty()
             {
-                if first.is_none() && !providers.is_empty() {
-                    first = Some(started.elapsed());
-                }
+                first = Some(started.elapsed());
             }
             if step.last {
                 let done = started.elapsed();
@@ -309,10 +309,10 @@ async fn wait_for_query(
             step,
             ..
         })) = event
+            && id == query
+            && step.last
         {
-            if id == query && step.last {
-                return Ok(());
-            }
+            return Ok(());
         }
     }
 }

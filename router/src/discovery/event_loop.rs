@@ -340,15 +340,16 @@ impl EventLoop {
                 let Some(&peer) = self.record_queries.get(&id) else {
                     return;
                 };
-                if let Ok(GetRecordOk::FoundRecord(found)) = result {
-                    if self.on_record(peer, &found.record) && !step.last {
-                        // One valid record is enough: the K peers that store a node's
-                        // record all receive each republication, so waiting for the
-                        // others only adds latency. A newer record, if any, arrives with
-                        // the next refresh.
-                        if let Some(mut query) = swarm.behaviour_mut().kad.query_mut(&id) {
-                            query.finish();
-                        }
+                if let Ok(GetRecordOk::FoundRecord(found)) = result
+                    && self.on_record(peer, &found.record)
+                    && !step.last
+                {
+                    // One valid record is enough: the K peers that store a node's
+                    // record all receive each republication, so waiting for the
+                    // others only adds latency. A newer record, if any, arrives with
+                    // the next refresh.
+                    if let Some(mut query) = swarm.behaviour_mut().kad.query_mut(&id) {
+                        query.finish();
                     }
                 }
                 if step.last {
