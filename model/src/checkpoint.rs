@@ -100,10 +100,19 @@ impl Checkpoint {
     /// has neither `model.safetensors` nor `model.safetensors.index.json`.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
         let dir = dir.as_ref().to_owned();
+        if !dir.is_dir() {
+            return Err(ModelError::NoCheckpoint { dir });
+        }
         let config_path = dir.join(CONFIG_FILE);
-        let config_bytes = std::fs::read(&config_path).map_err(|source| ModelError::Io {
-            path: config_path.clone(),
-            error: source,
+        let config_bytes = std::fs::read(&config_path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ModelError::NoConfig { dir: dir.clone() }
+            } else {
+                ModelError::Io {
+                    path: config_path.clone(),
+                    error: source,
+                }
+            }
         })?;
         let config =
             ModelConfig::from_json(&config_bytes).map_err(|reason| ModelError::Config {

@@ -1,6 +1,6 @@
 //! The SwiGLU expert feed-forward: `down(silu(gate(x)) * up(x))`.
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
 use crate::ModelError;
 use crate::kernels::{SiluMul, SmallBatchMatmul};
@@ -122,20 +122,48 @@ impl Expert {
 }
 
 /// Per-row relative error: for each row, `max |a - b| / max |b|`, and the maximum over rows.
-/// A row of `b` that is all zeros compares by absolute error.
+/// A row of `b` that is all zeros compares by absolute error. Any NaN or infinity in either
+/// tensor makes the result NaN, so a comparison such as `error < bound` fails.
 ///
 /// # Errors
 /// A candle error when the shapes differ.
 pub fn max_row_relative_error(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
-    let a = a.to_dtype(candle_core::DType::F32)?;
-    let b = b.to_dtype(candle_core::DType::F32)?;
-    let difference = (a - &b)?.abs()?.max(D::Minus1)?.to_vec1::<f32>()?;
-    let scale = b.abs()?.max(D::Minus1)?.to_vec1::<f32>()?;
-    Ok(difference
-        .iter()
-        .zip(&scale)
-        .map(|(&d, &s)| if s > 0.0 { d / s } else { d })
-        .fold(0.0, f32::max))
+    if a.dims() != b.dims() {
+        return Err(candle_core::Error::Msg(format!(
+            "cannot compare tensors of shapes {:?} and {:?}",
+            a.dims(),
+            b.dims()
+        )));
+    }
+    let columns = a.dims().last().copied().unwrap_or(1).max(1);
+    let a = a
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let b = b
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+
+    let mut worst = 0.0f32;
+    for (row_a, row_b) in a.chunks(columns).zip(b.chunks(columns)) {
+        let mut difference = 0.0f32;
+        let mut scale = 0.0f32;
+        for (&x, &y) in row_a.iter().zip(row_b) {
+            if !x.is_finite() || !y.is_finite() {
+                return Ok(f32::NAN);
+            }
+            difference = difference.max((x - y).abs());
+            scale = scale.max(y.abs());
+        }
+        let error = if scale > 0.0 {
+            difference / scale
+        } else {
+            difference
+        };
+        worst = worst.max(error);
+    }
+    Ok(worst)
 }
 
 #[cfg(test)]
@@ -212,6 +240,17 @@ mod tests {
                 "{layout:?} {small_batch_max}: relative error {error}"
             );
         }
+    }
+
+    #[test]
+    fn non_finite_values_make_the_error_nan() {
+        let good = matrix(2, 3, 0.5);
+        let mut values = good.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values[4] = f32::NAN;
+        let bad = Tensor::from_vec(values, (2, 3), &Device::Cpu).unwrap();
+        assert!(max_row_relative_error(&bad, &good).unwrap().is_nan());
+        assert!(max_row_relative_error(&good, &bad).unwrap().is_nan());
+        assert_eq!(max_row_relative_error(&good, &good).unwrap(), 0.0);
     }
 
     #[test]

@@ -73,7 +73,9 @@ enum Fill {
 
 impl TensorSpec {
     fn elements(&self) -> u64 {
-        self.shape.iter().map(|&d| d as u64).product()
+        self.shape
+            .iter()
+            .fold(1u64, |acc, &d| acc.saturating_mul(d as u64))
     }
 }
 
@@ -87,24 +89,53 @@ pub fn generate_checkpoint(
     options: &GeneratorOptions,
 ) -> Result<Checkpoint, ModelError> {
     validate(options)?;
-    if dir.join(crate::checkpoint::CONFIG_FILE).exists() {
+    let specs = tensor_specs(options);
+    check_size(&specs, options)?;
+
+    let non_empty = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
+    if non_empty {
+        let what = if dir.join(crate::checkpoint::CONFIG_FILE).exists() {
+            "already holds a checkpoint"
+        } else {
+            "is not empty"
+        };
         return Err(ModelError::Generate {
             reason: format!(
-                "{} already holds a checkpoint; choose an empty folder or remove it first",
+                "{} {what}; choose an empty or new folder, or remove it first",
                 dir.display()
             ),
         });
     }
+    let created_dir = !dir.exists();
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
         path: dir.to_owned(),
         error: source,
     })?;
 
-    let specs = tensor_specs(options);
-    let shards = assign_shards(&specs, options);
-    let weight_map = write_shards(dir, &specs, &shards, options)?;
+    let result = write_checkpoint(dir, &specs, options);
+    if result.is_err() {
+        // Leave no partial checkpoint behind: the folder was empty before.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        if created_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+    result
+}
+
+fn write_checkpoint(
+    dir: &Path,
+    specs: &[TensorSpec],
+    options: &GeneratorOptions,
+) -> Result<Checkpoint, ModelError> {
+    let shards = assign_shards(specs, options);
+    let weight_map = write_shards(dir, specs, &shards, options)?;
     if shards.len() > 1 {
-        write_index(dir, &weight_map, &specs, options)?;
+        write_index(dir, &weight_map, specs, options)?;
     }
     write_json(
         &dir.join(crate::checkpoint::CONFIG_FILE),
@@ -115,6 +146,44 @@ pub fn generate_checkpoint(
     let manifest = Manifest::create(&checkpoint)?;
     manifest.save(&Manifest::path_in(dir))?;
     Ok(checkpoint)
+}
+
+/// Largest checkpoint the generator writes, in bytes.
+pub const MAX_GENERATED_BYTES: u64 = 64 << 30;
+
+/// Largest single tensor the generator writes, in bytes; each is built in memory.
+pub const MAX_GENERATED_TENSOR_BYTES: u64 = 4 << 30;
+
+fn check_size(specs: &[TensorSpec], options: &GeneratorOptions) -> Result<(), ModelError> {
+    let element_bytes = options.dtype.size_in_bytes() as u64;
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+    if let Some(largest) = specs.iter().max_by_key(|spec| spec.elements()) {
+        let bytes = largest.elements().saturating_mul(element_bytes);
+        if bytes > MAX_GENERATED_TENSOR_BYTES {
+            return Err(ModelError::Generate {
+                reason: format!(
+                    "tensor {} would take {:.1} GiB, above the generator's limit of {:.0} GiB per tensor; choose smaller sizes",
+                    largest.name,
+                    gib(bytes),
+                    gib(MAX_GENERATED_TENSOR_BYTES)
+                ),
+            });
+        }
+    }
+    let total: u64 = specs
+        .iter()
+        .map(|spec| spec.elements().saturating_mul(element_bytes))
+        .fold(0, u64::saturating_add);
+    if total > MAX_GENERATED_BYTES {
+        return Err(ModelError::Generate {
+            reason: format!(
+                "the checkpoint would take {:.1} GiB, above the generator's limit of {:.0} GiB; choose smaller sizes",
+                gib(total),
+                gib(MAX_GENERATED_BYTES)
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn validate(options: &GeneratorOptions) -> Result<(), ModelError> {
@@ -346,6 +415,7 @@ fn write_shards(
             path: path.clone(),
             reason: error.to_string(),
         })?;
+        make_readable(&path)?;
 
         for (name, _) in tensors {
             weight_map.insert(name, file.clone());
@@ -466,6 +536,24 @@ fn config_json(options: &GeneratorOptions) -> serde_json::Value {
         target.extend(extra);
     }
     config
+}
+
+/// Sets mode 0644: safetensors writes shards readable by their owner only, but weights are
+/// not secret, and a node may run as another user.
+fn make_readable(path: &Path) -> Result<(), ModelError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(
+            |error| ModelError::Io {
+                path: path.to_owned(),
+                error,
+            },
+        )?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> {

@@ -53,8 +53,16 @@ pub enum ModelError {
     NoWeights { dir: PathBuf },
     #[error("tensor {name} not found in checkpoint {dir}")]
     MissingTensor { name: String, dir: PathBuf },
-    #[error("invalid safetensors file {path}: {reason}")]
+    #[error(
+        "invalid safetensors file {path}: {reason}; the file is damaged or incomplete: download or generate it again"
+    )]
     Safetensors { path: PathBuf, reason: String },
+    #[error("checkpoint folder {dir} does not exist")]
+    NoCheckpoint { dir: PathBuf },
+    #[error(
+        "{dir} has no config.json, so it is not a Hugging Face checkpoint folder; pass the folder that holds config.json and the safetensors files"
+    )]
+    NoConfig { dir: PathBuf },
     #[error("tensor {name} has dtype {dtype}; expertnet reads f32, bf16 and f16")]
     UnsupportedDType { name: String, dtype: String },
     #[error("tensor {name} has shape {actual:?}, expected {expected:?} from config.json")]

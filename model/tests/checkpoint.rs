@@ -222,3 +222,60 @@ fn bad_folders_give_clear_errors() {
         "{error}"
     );
 }
+
+#[test]
+fn generator_rejects_what_it_cannot_write() {
+    let parent = tempfile::tempdir().unwrap();
+    let target = parent.path().join("huge");
+    let huge = GeneratorOptions {
+        hidden: 100_000_000,
+        ffn: 100_000_000,
+        heads: 1,
+        kv_heads: 1,
+        ..GeneratorOptions::default()
+    };
+    let error = generate_checkpoint(&target, &huge).unwrap_err().to_string();
+    assert!(error.contains("per tensor"), "{error}");
+    assert!(
+        !target.exists(),
+        "a rejected checkpoint must leave no folder"
+    );
+
+    let many = GeneratorOptions {
+        hidden: 8192,
+        ffn: 8192,
+        layers: 64,
+        experts: 64,
+        heads: 64,
+        kv_heads: 8,
+        ..GeneratorOptions::default()
+    };
+    let error = generate_checkpoint(&target, &many).unwrap_err().to_string();
+    assert!(
+        error.contains("GiB, above the generator's limit"),
+        "{error}"
+    );
+
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("notes.txt"), "keep me").unwrap();
+    let error = generate_checkpoint(&target, &small(Family::Mixtral, DType::F32))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("is not empty"), "{error}");
+    assert_eq!(
+        std::fs::read_to_string(target.join("notes.txt")).unwrap(),
+        "keep me"
+    );
+}
+
+#[test]
+fn missing_folders_are_named() {
+    let parent = tempfile::tempdir().unwrap();
+    let error = Checkpoint::open(parent.path().join("nope"))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("does not exist"), "{error}");
+
+    let error = Checkpoint::open(parent.path()).unwrap_err().to_string();
+    assert!(error.contains("has no config.json"), "{error}");
+}

@@ -398,8 +398,12 @@ impl State {
             self.metrics.record_store_overflow("providers");
             return;
         }
+        let provider = record.provider;
+        let addresses = record.addresses.len();
         if let Err(error) = store.add_provider(record) {
             tracing::warn!(%error, "DHT provider store is full; a provider record was not stored");
+        } else {
+            tracing::trace!(%provider, addresses, "stored a provider record");
             self.metrics.record_store_overflow("providers");
         }
     }
@@ -449,10 +453,13 @@ impl State {
             }
         };
 
-        let keys = announcement
-            .layers
-            .iter()
-            .map(|set| p2p::layer_key(&announcement.model_id, set.layer));
+        let keys = announcement.layers.iter().map(|set| {
+            p2p::layer_key(
+                &announcement.model_id,
+                set.layer,
+                p2p::provider_shard(&self.peer_id),
+            )
+        });
         for key in keys {
             if withdrawn {
                 kad.stop_providing(&key);

@@ -102,10 +102,20 @@ impl NodeKey {
             }
         };
 
-        let signing = SigningKey::from_pkcs8_pem(&text).map_err(|error| KeyError::Malformed {
+        let malformed = |reason: String| KeyError::Malformed {
             path: path.to_owned(),
-            reason: error.to_string(),
-        })?;
+            reason,
+        };
+        if text.trim().is_empty() {
+            return Err(malformed("the file is empty".to_owned()));
+        }
+        if !text.contains("-----BEGIN PRIVATE KEY-----") {
+            return Err(malformed(
+                "the file has no '-----BEGIN PRIVATE KEY-----' line".to_owned(),
+            ));
+        }
+        let signing = SigningKey::from_pkcs8_pem(&text)
+            .map_err(|error| malformed(format!("the key inside cannot be decoded: {error}")))?;
         warn_if_readable_by_others(path);
         Ok(Self::from_secret(signing.to_bytes()))
     }

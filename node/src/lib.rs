@@ -55,7 +55,9 @@ pub enum NodeError {
     Key(#[from] KeyError),
     #[error("invalid node configuration: {0}")]
     Config(String),
-    #[error("cannot listen for {what} on {address}: {error}")]
+    #[error(
+        "cannot listen for {what} on {address}: {error}; choose another address or port, or stop the process that uses it"
+    )]
     Bind {
         what: &'static str,
         address: SocketAddr,

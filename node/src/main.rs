@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use expertnet_model::{Checkpoint, Manifest};
-use expertnet_node::{ExpertSpec, Limits, Node, NodeConfig, NodeKey, P2pConfig};
+use expertnet_node::{ExpertSpec, KeyError, Limits, Node, NodeConfig, NodeKey, P2pConfig};
 use expertnet_proto::DType;
 use libp2p::Multiaddr;
 use serde::Deserialize;
@@ -73,8 +73,8 @@ struct RunArgs {
     /// (examples: `0:0-3,1:*`, `*:0-1`, `*`).
     #[arg(long)]
     experts: Option<String>,
-    /// gRPC listen address [default: 127.0.0.1:50051].
-    #[arg(long)]
+    /// gRPC listen address, IP:PORT or HOST:PORT [default: 127.0.0.1:50051].
+    #[arg(long, value_parser = parse_listen_address)]
     grpc_listen: Option<SocketAddr>,
     /// Node key file, created with mode 0600 if missing [default: ~/.local/share/expertnet/node.key].
     #[arg(long)]
@@ -85,8 +85,8 @@ struct RunArgs {
     /// Dtype experts compute in: f32 or f16 [default: f32].
     #[arg(long)]
     compute_dtype: Option<String>,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long)]
+    /// Serve Prometheus metrics at http://ADDR/metrics; ADDR is IP:PORT or HOST:PORT.
+    #[arg(long, value_parser = parse_listen_address)]
     metrics_listen: Option<SocketAddr>,
     /// Largest request or response in bytes [default: 33554432].
     #[arg(long)]
@@ -173,9 +173,12 @@ impl RunArgs {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
         config.metrics_listen = self.metrics_listen;
         config.threads = self.threads;
-        config.compute_dtype = match self.compute_dtype {
-            Some(text) => text.parse::<DType>().map_err(anyhow::Error::msg)?,
-            None => DType::F32,
+        config.compute_dtype = match self.compute_dtype.as_deref() {
+            None | Some("f32") => DType::F32,
+            Some("f16") => DType::F16,
+            Some(other) => bail!(
+                "invalid --compute-dtype {other:?}: experts compute in f32 or f16 (bf16 checkpoints are computed in f32)"
+            ),
         };
         config.limits = Limits {
             max_message_bytes: self.max_message_bytes.unwrap_or(defaults.max_message_bytes),
@@ -205,6 +208,18 @@ impl RunArgs {
         };
         Ok((config, key))
     }
+}
+
+/// Parses IP:PORT, or HOST:PORT resolved to its first address (such as localhost:50051).
+fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
+    use std::net::ToSocketAddrs;
+    text.to_socket_addrs()
+        .ok()
+        .and_then(|mut addresses| addresses.next())
+        .ok_or_else(|| format!("{text:?} is not IP:PORT or HOST:PORT, such as 127.0.0.1:50051"))
 }
 
 fn first_non_empty<T>(first: Vec<T>, second: Vec<T>) -> Vec<T> {
@@ -259,10 +274,24 @@ fn default_key_path() -> anyhow::Result<PathBuf> {
     Ok(data.join("expertnet").join("node.key"))
 }
 
+/// Reads a `--config` file. Relative paths in it are relative to the file's folder, so a
+/// config works from any working directory.
 fn read_config_file(path: &Path) -> anyhow::Result<RunArgs> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    let mut args: RunArgs =
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resolve = |file: &mut Option<PathBuf>| {
+        if let Some(relative) = file.as_mut().filter(|p| p.is_relative()) {
+            *relative = base.join(&*relative);
+        }
+    };
+    resolve(&mut args.checkpoint);
+    resolve(&mut args.manifest);
+    resolve(&mut args.key);
+    Ok(args)
 }
 
 fn main() -> ExitCode {
@@ -350,22 +379,32 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let (key, created) = NodeKey::load_or_create(&key_path)?;
-        if created {
-            tracing::info!(path = %key_path.display(), peer_id = %key.peer_id(), "created a new node key");
-        }
+        // A missing key file is written only once the node has started, so a mistake in
+        // the other options leaves no new key behind.
+        let (key, created) = match NodeKey::load(&key_path) {
+            Ok(key) => (key, false),
+            Err(KeyError::NotFound { .. }) => (NodeKey::generate()?, true),
+            Err(error) => return Err(error.into()),
+        };
 
         // Listen for signals before serving, so a signal sent as soon as the node reports
         // that it serves stops it gracefully.
         let shutdown = shutdown_signal()?;
         tokio::pin!(shutdown);
         let node = tokio::select! {
-            node = Node::start(config, key) => node?,
+            node = Node::start(config, key.clone()) => node?,
             () = &mut shutdown => {
                 tracing::info!("stopped while loading experts");
                 return Ok(());
             }
         };
+        if created {
+            if let Err(error) = key.save_new(&key_path) {
+                let _ = node.shutdown().await;
+                return Err(error.into());
+            }
+            tracing::info!(path = %key_path.display(), peer_id = %key.peer_id(), "created a new node key");
+        }
         shutdown.await;
         node.shutdown().await?;
         Ok(())

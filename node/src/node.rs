@@ -24,6 +24,9 @@ use crate::{NodeConfig, NodeError, NodeKey, NodeMetrics};
 pub(crate) const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 pub(crate) const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 
+/// Smallest accepted `max_message_bytes`.
+const MIN_MESSAGE_BYTES: usize = 64 << 10;
+
 /// How long a shutdown waits for the withdrawn node record to be stored.
 const WITHDRAW_WAIT: Duration = Duration::from_secs(2);
 
@@ -222,6 +225,12 @@ fn check_limits(config: &NodeConfig) -> Result<(), NodeError> {
                 "{name} is 0; it must be at least 1"
             )));
         }
+    }
+    if limits.max_message_bytes < MIN_MESSAGE_BYTES {
+        return Err(NodeError::Config(format!(
+            "max_message_bytes is {}; it must be at least {MIN_MESSAGE_BYTES}, or even Info responses do not fit",
+            limits.max_message_bytes
+        )));
     }
     if limits.max_tokens_per_request > limits.max_queued_tokens {
         return Err(NodeError::Config(format!(

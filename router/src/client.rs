@@ -25,6 +25,10 @@ pub enum ClientError {
     Endpoint { endpoint: String, reason: String },
     #[error("cannot connect to node at {endpoint}: {reason}")]
     Connect { endpoint: String, reason: String },
+    #[error(
+        "{endpoint} does not answer like an expertnet node ({reason}); check that it is the node's gRPC address, not its metrics or libp2p port"
+    )]
+    NotANode { endpoint: String, reason: String },
     #[error("node at {endpoint} answered {code:?}: {message}")]
     Status {
         endpoint: String,
@@ -69,10 +73,16 @@ impl NodeClient {
         expected: Option<PeerId>,
         connect_timeout: Duration,
     ) -> Result<Self, ClientError> {
+        if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
+            return Err(ClientError::Endpoint {
+                endpoint: endpoint.to_owned(),
+                reason: "write it as http://HOST:PORT, such as http://127.0.0.1:50051".to_owned(),
+            });
+        }
         let channel = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| ClientError::Endpoint {
                 endpoint: endpoint.to_owned(),
-                reason: e.to_string(),
+                reason: error_chain(&e),
             })?
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
@@ -91,7 +101,18 @@ impl NodeClient {
         let info = client
             .info(pb::InfoRequest {})
             .await
-            .map_err(|status| status_error(endpoint, &status))?
+            .map_err(|status| match status.code() {
+                // What a server that is not an expertnet node (a metrics or libp2p port,
+                // another HTTP server) makes of a gRPC call.
+                tonic::Code::Cancelled
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::Unimplemented => ClientError::NotANode {
+                    endpoint: endpoint.to_owned(),
+                    reason: format!("{:?}: {}", status.code(), status.message()),
+                },
+                _ => status_error(endpoint, &status),
+            })?
             .into_inner();
         let identity_error = |reason: String| ClientError::Identity {
             endpoint: endpoint.to_owned(),
@@ -178,13 +199,17 @@ fn status_error(endpoint: &str, status: &tonic::Status) -> ClientError {
 }
 
 /// Joins an error with its sources, because transport errors hide the cause
-/// ("connection refused") in the chain.
+/// ("connection refused") in the chain. A cause whose text is already included is skipped,
+/// since transport errors often repeat their source in their own message.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text

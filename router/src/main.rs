@@ -77,6 +77,11 @@ enum Command {
         /// Milliseconds each request may take.
         #[arg(long, default_value_t = 10_000)]
         deadline_ms: u64,
+        /// Largest accepted relative difference from local computation, per row
+        /// (max |remote - local| / max |local|); the command fails above it. The default
+        /// suits f32; bf16 requests need about 1e-2, f16 about 2e-3.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f32,
     },
 }
 
@@ -127,8 +132,10 @@ fn main() -> ExitCode {
                 checkpoint,
                 seed,
                 deadline_ms,
+                tolerance,
             } => {
                 let options = CallOptions {
+                    tolerance,
                     layer,
                     expert,
                     tokens,
@@ -344,6 +351,7 @@ fn describe_replicas(replicas: &[serde_json::Value]) -> String {
 }
 
 struct CallOptions {
+    tolerance: f32,
     layer: u32,
     expert: u32,
     tokens: usize,
@@ -355,8 +363,20 @@ struct CallOptions {
 }
 
 async fn call(endpoint: &str, options: &CallOptions) -> anyhow::Result<()> {
-    if options.tokens == 0 || options.repeat == 0 {
-        bail!("--tokens and --repeat must be at least 1");
+    if options.tokens == 0 {
+        bail!("--tokens must be at least 1");
+    }
+    if options.repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
+    if options.deadline.is_zero() {
+        bail!("--deadline-ms must be at least 1");
+    }
+    if options.tolerance.is_nan() || options.tolerance < 0.0 {
+        bail!(
+            "--tolerance must be a number of 0 or more, got {}",
+            options.tolerance
+        );
     }
     let mut node = NodeClient::connect(endpoint, None, CONNECT_TIMEOUT).await?;
     let model = node
@@ -381,6 +401,7 @@ async fn call(endpoint: &str, options: &CallOptions) -> anyhow::Result<()> {
     let mut rng = SplitMix64::new(options.seed);
     let mut latencies = Vec::with_capacity(options.repeat);
     let mut worst_error: Option<f32> = None;
+    let mut failure = None;
     for _ in 0..options.repeat {
         let values = rng.normal_vec(options.tokens * hidden);
         let input = wire_from_f32(&values, &[options.tokens, hidden], options.dtype)?;
@@ -395,9 +416,16 @@ async fn call(endpoint: &str, options: &CallOptions) -> anyhow::Result<()> {
         };
 
         let started = Instant::now();
-        let outputs = node
+        let outputs = match node
             .forward(&call, Some(options.deadline), |_, _| expected_digest)
-            .await?;
+            .await
+        {
+            Ok(outputs) => outputs,
+            Err(error) => {
+                failure = Some(error);
+                break;
+            }
+        };
         latencies.push(started.elapsed());
 
         if let Some(weights) = reference.as_ref().and_then(|r| r.expert.as_ref()) {
@@ -405,28 +433,52 @@ async fn call(endpoint: &str, options: &CallOptions) -> anyhow::Result<()> {
             let local = weights.forward(&x)?;
             let output = &outputs[0].output;
             let remote = Tensor::from_vec(wire_to_f32(output), output.shape(), &Device::Cpu)?;
+            // NaN compares false with everything, so keep it explicitly.
             let error = max_row_relative_error(&remote, &local)?;
-            worst_error = Some(worst_error.map_or(error, |w| w.max(error)));
+            worst_error = Some(match worst_error {
+                Some(worst) if worst.is_nan() || error.is_nan() => f32::NAN,
+                Some(worst) => worst.max(error),
+                None => error,
+            });
         }
     }
 
-    latencies.sort();
-    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
-    println!(
-        "{} requests of {} tokens to layer {} expert {} on {}: all receipts verified",
-        options.repeat,
-        options.tokens,
-        options.layer,
-        options.expert,
-        short_peer_id(&node.peer_id())
-    );
-    println!(
-        "latency    p50 {:.3} ms, p99 {:.3} ms",
-        percentile(0.5).as_secs_f64() * 1e3,
-        percentile(0.99).as_secs_f64() * 1e3
-    );
+    if !latencies.is_empty() {
+        latencies.sort();
+        let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+        println!(
+            "{} of {} requests of {} tokens to layer {} expert {} on {}: all receipts verified",
+            latencies.len(),
+            options.repeat,
+            options.tokens,
+            options.layer,
+            options.expert,
+            short_peer_id(&node.peer_id())
+        );
+        println!(
+            "latency    p50 {:.3} ms, p99 {:.3} ms",
+            percentile(0.5).as_secs_f64() * 1e3,
+            percentile(0.99).as_secs_f64() * 1e3
+        );
+    }
+    if let Some(error) = failure {
+        return Err(anyhow::Error::new(error).context(format!(
+            "request {} of {} failed",
+            latencies.len() + 1,
+            options.repeat
+        )));
+    }
+
     match worst_error {
-        Some(error) => println!("max relative error against local computation: {error:.3e}"),
+        Some(error) => {
+            println!("max relative error against local computation: {error:.3e}");
+            if error.is_nan() || error > options.tolerance {
+                bail!(
+                    "the node's output differs from local computation by {error:.3e}, above --tolerance {:.1e}",
+                    options.tolerance
+                );
+            }
+        }
         None if options.checkpoint.is_some() => {
             println!(
                 "the checkpoint folder lacks this expert's weights; only the digest was checked"
@@ -450,6 +502,7 @@ fn load_reference(
     layer: u32,
     expert: u32,
 ) -> anyhow::Result<Reference> {
+    let checkpoint = Checkpoint::open(dir)?;
     let manifest = Manifest::load(&Manifest::path_in(dir))?;
     if manifest.model_id() != model_id {
         bail!(
@@ -461,10 +514,14 @@ fn load_reference(
     let digest = manifest
         .expert_digest(layer, expert)
         .with_context(|| format!("layer {layer} expert {expert} is not in the manifest"))?;
-    let checkpoint = Checkpoint::open(dir)?;
+    manifest.check_config(&checkpoint)?;
     // A node's folder may hold only some shards; without the weights, only the digest is
-    // checked.
-    let expert = match checkpoint.load_expert(layer, expert, DType::F32, &Device::Cpu) {
+    // checked. Weights that are present must match the manifest, or the comparison would
+    // judge the node against a damaged reference.
+    let expert = match manifest
+        .verify_expert(&checkpoint, layer, expert)
+        .and_then(|_| checkpoint.load_expert(layer, expert, DType::F32, &Device::Cpu))
+    {
         Ok(expert) => Some(expert),
         Err(ModelError::Io { error: source, .. })
             if source.kind() == std::io::ErrorKind::NotFound =>

@@ -162,7 +162,8 @@ async fn measure_size(
             .bootstrap_addr()
             .unwrap_or_else(|| address.clone());
         let layer = (sample % LAYERS) as u32;
-        let (first, done) = cold_provider_lookup(&entry, &model_id, layer).await?;
+        let shard = (sample as u32 / LAYERS as u32) % p2p::PROVIDER_SHARDS;
+        let (first, done) = cold_provider_lookup(&entry, &model_id, layer, shard).await?;
         first_provider.push(first);
         query_done.push(done);
 
@@ -199,7 +200,21 @@ async fn measure_size(
                 break;
             }
             if started.elapsed() > Duration::from_secs(60) {
-                anyhow::bail!("a joining node was not visible after 60 s");
+                let seen: Vec<String> = replicas
+                    .replicas(expert)
+                    .iter()
+                    .map(|r| r.endpoints[0].clone())
+                    .collect();
+                anyhow::bail!(
+                    "a joining node ({endpoint}, {}, layer {layer} expert {expert}) was not visible after 60 s; the watcher saw {seen:?}; node metrics:\n{}",
+                    node.key().peer_id(),
+                    node.metrics()
+                        .encode()
+                        .lines()
+                        .filter(|l| l.contains("dht_"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -227,12 +242,14 @@ async fn measure_size(
     })
 }
 
-/// Connects a fresh client swarm to `entry`, runs one `get_providers` for the layer key
-/// and returns the time to the first provider and to the end of the query.
+/// Connects a fresh client swarm to `entry`, runs one `get_providers` for one shard of the
+/// layer's provider keys and returns the time to the first provider and to the end of the
+/// query.
 async fn cold_provider_lookup(
     entry: &libp2p::Multiaddr,
     model_id: &str,
     layer: u32,
+    shard: u32,
 ) -> anyhow::Result<(Duration, Duration)> {
     let keypair = libp2p::identity::Keypair::generate_ed25519();
     let mut swarm =
@@ -256,7 +273,7 @@ async fn cold_provider_lookup(
     let query = swarm
         .behaviour_mut()
         .kad
-        .get_providers(p2p::layer_key(model_id, layer));
+        .get_providers(p2p::layer_key(model_id, layer, shard));
     let mut first = None;
     loop {
         anyhow::ensure!(Instant::now() < deadline, "provider lookup did not finish");

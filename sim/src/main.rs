@@ -31,12 +31,13 @@ enum Layout {
 enum Command {
     /// Write a seeded random checkpoint in the Hugging Face layout, with its manifest.
     MakeCheckpoint {
-        /// Output folder; created if missing, and must not hold a checkpoint already.
+        /// Output folder: new, or empty.
         #[arg(long)]
         out: PathBuf,
         /// Tensor names and config of this model family.
         #[arg(long, value_enum, default_value = "mixtral")]
         layout: Layout,
+        /// Transformer layers, each with an MoE block.
         #[arg(long, default_value_t = 4)]
         layers: usize,
         /// Experts per MoE layer.
@@ -45,11 +46,13 @@ enum Command {
         /// Experts chosen per token.
         #[arg(long, default_value_t = 2)]
         top_k: usize,
+        /// Hidden size of the model (width of the residual stream).
         #[arg(long, default_value_t = 128)]
         hidden: usize,
         /// Width of each expert's hidden layer.
         #[arg(long, default_value_t = 352)]
         ffn: usize,
+        /// Vocabulary size.
         #[arg(long, default_value_t = 512)]
         vocab: usize,
         /// Attention heads.
@@ -58,6 +61,7 @@ enum Command {
         /// Key-value heads (grouped-query attention).
         #[arg(long, default_value_t = 2)]
         kv_heads: usize,
+        /// Seed of the random weights; the same seed gives the same checkpoint.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Storage dtype: f32, bf16 or f16.
@@ -245,7 +249,12 @@ fn bench_node(
             let (hidden, ffn) = text.split_once('x').ok_or_else(|| {
                 anyhow::anyhow!("size {text:?} is not HIDDENxFFN, such as 512x1408")
             })?;
-            Ok((hidden.trim().parse()?, ffn.trim().parse()?))
+            let number = |part: &str| {
+                part.trim().parse::<usize>().map_err(|_| {
+                    anyhow::anyhow!("size {text:?} is not HIDDENxFFN, such as 512x1408")
+                })
+            };
+            Ok((number(hidden)?, number(ffn)?))
         })
         .collect::<anyhow::Result<Vec<(usize, usize)>>>()?;
     let options = BenchOptions {

@@ -97,6 +97,8 @@ fn run_command(checkpoint: &Path, key: &Path) -> Command {
         "0:0",
         "--batch-wait-us",
         "500000",
+        "--p2p-listen",
+        "/ip4/127.0.0.1/tcp/0",
     ]);
     command
         .arg("--checkpoint")
@@ -184,6 +186,8 @@ async fn sigterm_finishes_in_flight_requests() {
     let daemon = Daemon::spawn(&mut run_command(dir.path(), &key));
     let line = daemon.wait_for("node is serving");
     let address = grpc_address(&line);
+    // The key file is written once the node has started.
+    daemon.wait_for("created a new node key");
 
     #[cfg(unix)]
     {
@@ -259,7 +263,7 @@ fn config_file_supplies_options() {
     std::fs::write(
         &config,
         format!(
-            "checkpoint = {:?}\nexperts = \"*:1\"\ngrpc_listen = \"127.0.0.1:0\"\nkey = {:?}\nmax_batch_tokens = 64\n",
+            "checkpoint = {:?}\nexperts = \"*:1\"\ngrpc_listen = \"127.0.0.1:0\"\nkey = {:?}\nmax_batch_tokens = 64\np2p_listen = [\"/ip4/127.0.0.1/tcp/0\"]\n",
             dir.path(),
             dir.path().join("node.key")
         ),
@@ -283,4 +287,83 @@ fn config_file_supplies_options() {
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("unknown_option"), "{stderr}");
+}
+
+#[test]
+fn failed_start_leaves_no_key_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("node.key");
+    let output = node_command()
+        .args(["run", "--experts", "*", "--grpc-listen", "127.0.0.1:0"])
+        .arg("--checkpoint")
+        .arg(dir.path().join("missing"))
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(
+        !key.exists(),
+        "a node that failed to start created a key file"
+    );
+}
+
+#[test]
+fn config_paths_are_relative_to_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    common::checkpoint(dir.path(), DType::F32);
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "checkpoint = \".\"\nexperts = \"0:0\"\ngrpc_listen = \"127.0.0.1:0\"\nkey = \"keys/node.key\"\np2p_listen = [\"/ip4/127.0.0.1/tcp/0\"]\n",
+    )
+    .unwrap();
+
+    // Started from another working directory, the node still finds its files.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut command = node_command();
+    command
+        .current_dir(elsewhere.path())
+        .arg("run")
+        .arg("--config")
+        .arg(&config);
+    let daemon = Daemon::spawn(&mut command);
+    daemon.wait_for("node is serving");
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit().success());
+    assert!(dir.path().join("keys/node.key").exists());
+}
+
+#[test]
+fn bad_run_options_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    common::checkpoint(dir.path(), DType::F32);
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--compute-dtype", "f64"],
+            "invalid --compute-dtype \"f64\"",
+        ),
+        (&["--max-message-bytes", "10"], "must be at least 65536"),
+        (&["--grpc-listen", "nowhere"], "is not IP:PORT or HOST:PORT"),
+        (
+            &["--record-ttl", "10", "--republish-interval", "20"],
+            "must be shorter than --record-ttl",
+        ),
+    ];
+    for (args, fragment) in cases {
+        let output = node_command()
+            .args(["run", "--experts", "*"])
+            .arg("--checkpoint")
+            .arg(dir.path())
+            .arg("--key")
+            .arg(dir.path().join("node.key"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.contains(fragment), "{args:?}: {stderr}");
+    }
 }

@@ -629,11 +629,12 @@ impl Rogue {
             .store_mut()
             .put(record)
             .unwrap();
-        self.swarm
-            .behaviour_mut()
-            .kad
-            .start_providing(expertnet_proto::p2p::layer_key(model_id, 0))
-            .unwrap();
+        let key = expertnet_proto::p2p::layer_key(
+            model_id,
+            0,
+            expertnet_proto::p2p::provider_shard(&self.peer_id()),
+        );
+        self.swarm.behaviour_mut().kad.start_providing(key).unwrap();
         tokio::spawn(async move {
             loop {
                 self.swarm.select_next_some().await;
@@ -744,4 +745,91 @@ async fn invalid_records_are_rejected() {
     forger.abort();
     time_traveller.abort();
     node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_over_quic() {
+    let dir = checkpoint_dir();
+    let quic = |bootstrap| P2pConfig {
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+        ..fast_p2p(bootstrap)
+    };
+    let first = start_node(
+        dir.path(),
+        "0:0",
+        NodeKey::generate().unwrap(),
+        quic(Vec::new()),
+    )
+    .await;
+    let address = first.bootstrap_addr().unwrap();
+    assert!(address.to_string().contains("/quic-v1/"), "{address}");
+    let second = start_node(
+        dir.path(),
+        "1:1",
+        NodeKey::generate().unwrap(),
+        quic(vec![address.clone()]),
+    )
+    .await;
+
+    let discovery = client(address);
+    let expected = expected_pairs(dir.path(), &second, "1:1");
+    let found = wait_until(Duration::from_secs(20), || async {
+        visible(&discovery, first.model_id(), &[1]).await == expected
+    })
+    .await;
+    assert!(
+        found.is_some(),
+        "the second node was never resolvable over QUIC"
+    );
+    second.shutdown().await.unwrap();
+    first.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_failure_drops_the_replica_at_once() {
+    let dir = checkpoint_dir();
+    let first = start_node(
+        dir.path(),
+        "0:2",
+        NodeKey::generate().unwrap(),
+        fast_p2p(Vec::new()),
+    )
+    .await;
+    let address = first.bootstrap_addr().unwrap();
+    let second = start_node(
+        dir.path(),
+        "0:2",
+        NodeKey::generate().unwrap(),
+        fast_p2p(vec![address.clone()]),
+    )
+    .await;
+
+    let mut config = DiscoveryConfig::new(vec![address]);
+    // A long cache TTL, so only the failure report can change the answer.
+    config.cache_ttl = Duration::from_secs(600);
+    let discovery = Discovery::start(config).unwrap();
+    let model_id = first.model_id().to_owned();
+    let both = wait_until(Duration::from_secs(20), || async {
+        discovery
+            .resolve_fresh(&model_id, 0)
+            .await
+            .unwrap()
+            .replicas(2)
+            .len()
+            == 2
+    })
+    .await;
+    assert!(both.is_some(), "both replicas were never resolvable");
+
+    discovery.report_failure(second.key().peer_id());
+    let replicas = discovery.resolve(&model_id, 0).await.unwrap();
+    let peers: Vec<_> = replicas.replicas(2).iter().map(|r| r.peer_id).collect();
+    assert_eq!(peers, vec![first.key().peer_id()]);
+    assert!(
+        discovery.stats().cache_hits() >= 1,
+        "the answer did not come from the cache"
+    );
+
+    second.shutdown().await.unwrap();
+    first.shutdown().await.unwrap();
 }

@@ -5,10 +5,25 @@ use libp2p::kad::RecordKey;
 
 const PREFIX: &str = "expertnet/v1";
 
-/// The provider key of one layer of one model: a node provides it when it hosts any expert
-/// of that layer, so a node costs one provider key per hosted layer, not one per expert.
-pub fn layer_key(model_id: &str, layer: u32) -> RecordKey {
-    RecordKey::new(&format!("{PREFIX}/layer/{model_id}/{layer}"))
+/// Provider keys per layer. libp2p-kad 0.49 answers a provider lookup with at most 20
+/// providers (its replication factor) per storing peer, so the nodes of a layer are split
+/// over this many keys by their peer id, and clients look up all of them: up to about 80
+/// nodes per layer are visible.
+// NOTE: a layer hosted by many more nodes than 80 needs more shards; the count is part of
+// the protocol, the same for every peer.
+pub const PROVIDER_SHARDS: u32 = 4;
+
+/// The shard of a layer's provider keys that `peer` provides.
+pub fn provider_shard(peer: &PeerId) -> u32 {
+    let digest = blake3::hash(&peer.to_bytes());
+    u32::from(digest.as_bytes()[0]) % PROVIDER_SHARDS
+}
+
+/// The provider key of one layer of one model, shard `shard`: a node provides the key of
+/// its shard for each layer in which it hosts experts, so a node costs one provider key per
+/// hosted layer, not one per expert.
+pub fn layer_key(model_id: &str, layer: u32, shard: u32) -> RecordKey {
+    RecordKey::new(&format!("{PREFIX}/layer/{model_id}/{layer}/{shard}"))
 }
 
 /// The key under which a node publishes its signed node record.
@@ -43,7 +58,7 @@ mod tests {
     fn node_record_keys_roundtrip() {
         let peer = PeerId::random();
         assert_eq!(parse_node_record_key(&node_record_key(&peer)), Some(peer));
-        assert_eq!(parse_node_record_key(&layer_key("m", 0)), None);
+        assert_eq!(parse_node_record_key(&layer_key("m", 0, 0)), None);
         assert_eq!(
             parse_node_record_key(&RecordKey::new(&"expertnet/v1/node/x")),
             None
@@ -51,8 +66,17 @@ mod tests {
     }
 
     #[test]
+    fn peers_spread_over_the_shards() {
+        let mut counts = [0u32; PROVIDER_SHARDS as usize];
+        for _ in 0..400 {
+            counts[provider_shard(&PeerId::random()) as usize] += 1;
+        }
+        assert!(counts.iter().all(|&n| n > 50), "{counts:?}");
+    }
+
+    #[test]
     fn provider_keys_are_recognized() {
-        assert!(is_provider_key(&layer_key("mixtral-00", 3)));
+        assert!(is_provider_key(&layer_key("mixtral-00", 3, 1)));
         assert!(!is_provider_key(&node_record_key(&PeerId::random())));
         assert!(!is_provider_key(&RecordKey::new(&"something else")));
     }

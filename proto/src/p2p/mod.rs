@@ -5,7 +5,10 @@ mod keys;
 mod record;
 mod swarm;
 
-pub use keys::{is_provider_key, layer_key, node_record_key, parse_node_record_key};
+pub use keys::{
+    PROVIDER_SHARDS, is_provider_key, layer_key, node_record_key, parse_node_record_key,
+    provider_shard,
+};
 pub use record::{
     MAX_NODE_RECORD_BYTES, NODE_RECORD_DOMAIN, NodeLimits, NodeRecord, RecordClock, RecordError,
 };

@@ -215,9 +215,9 @@ impl EventLoop {
         lookup.started = true;
         let kad = &mut swarm.behaviour_mut().kad;
         let queries: Vec<QueryId> = match target {
-            Target::Layer { model_id, layer } => {
-                vec![kad.get_providers(p2p::layer_key(model_id, *layer))]
-            }
+            Target::Layer { model_id, layer } => (0..p2p::PROVIDER_SHARDS)
+                .map(|shard| kad.get_providers(p2p::layer_key(model_id, *layer, shard)))
+                .collect(),
             Target::Directory => (0..WALK_LOOKUPS)
                 .map(|_| kad.get_closest_peers(PeerId::random()))
                 .collect(),
@@ -313,6 +313,7 @@ impl EventLoop {
                     return;
                 };
                 if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = result {
+                    tracing::trace!(?target, count = providers.len(), "providers found");
                     for provider in providers {
                         self.on_provider(swarm, &target, provider);
                     }

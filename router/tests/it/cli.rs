@@ -201,3 +201,82 @@ fn experts_with_unreachable_bootstrap_names_it() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains(&address), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_rejects_a_damaged_local_reference() {
+    use candle_core::Device;
+
+    let dir = tempfile::tempdir().unwrap();
+    generate_checkpoint(dir.path(), &small_options()).unwrap();
+    let config = NodeConfig::new(dir.path(), "0:1".parse::<ExpertSpec>().unwrap());
+    let node = Node::start(config, NodeKey::generate().unwrap())
+        .await
+        .unwrap();
+    let endpoint = format!("http://{}", node.grpc_addr());
+
+    // A copy of the checkpoint whose local expert weights were damaged after the manifest.
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+    }
+    let weights = copy.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let name = "model.layers.0.block_sparse_moe.experts.1.w2.weight";
+    let damaged = (tensors[name].clone() * f64::NAN).unwrap();
+    tensors.insert(name.to_owned(), damaged);
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+
+    let copy_path = copy.path().to_str().unwrap().to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(BINARY)
+            .args([
+                "call",
+                "--node",
+                &endpoint,
+                "--layer",
+                "0",
+                "--expert",
+                "1",
+                "--checkpoint",
+                &copy_path,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("layer 0 expert 1"), "{stderr}");
+    assert!(stderr.contains("differs from the manifest"), "{stderr}");
+    node.shutdown().await.unwrap();
+}
+
+#[test]
+fn call_argument_errors_name_the_option() {
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--node", "127.0.0.1:50051"],
+            "write it as http://HOST:PORT",
+        ),
+        (
+            &["--node", "http://127.0.0.1:1", "--tokens", "0"],
+            "--tokens must be at least 1",
+        ),
+        (
+            &["--node", "http://127.0.0.1:1", "--deadline-ms", "0"],
+            "--deadline-ms must be at least 1",
+        ),
+    ];
+    for (args, fragment) in cases {
+        let output = Command::new(BINARY)
+            .args(["call", "--layer", "0", "--expert", "0"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.contains(fragment), "{args:?}: {stderr}");
+    }
+}
