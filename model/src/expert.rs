@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use crate::ModelError;
 use crate::kernels::{SiluMul, SmallBatchMatmul};
 
-/// How the matrix products are arranged. Both compute the same function.
+/// Arrangement of the matrix products. Both compute the same function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MatmulLayout {
     /// `W · xᵀ`, transposed back at the end. On a 2-core AMD EPYC with candle's gemm this

@@ -1,6 +1,6 @@
 //! Seeded random checkpoints in the Hugging Face layout, for tests, demos and benchmarks.
 //!
-//! A generated folder holds `config.json`, `model.safetensors` (or shards with
+//! A generated folder contains `config.json`, `model.safetensors` (or shards with
 //! `model.safetensors.index.json`) and `expertnet-manifest.json`. It has every tensor a full
 //! forward pass needs: embeddings, attention, norms, gates, experts and the LM head.
 
@@ -15,7 +15,7 @@ use crate::layout::{ExpertRole, expert_tensor_name, gate_tensor_name};
 use crate::rng::SplitMix64;
 use crate::{Checkpoint, Family, Manifest, ModelError};
 
-/// What to generate. [`GeneratorOptions::default`] is a small Mixtral-layout model that
+/// Options of the checkpoint generator. [`GeneratorOptions::default`] is a small Mixtral-layout model that
 /// generates in well under a second.
 #[derive(Debug, Clone)]
 pub struct GeneratorOptions {
@@ -82,8 +82,8 @@ impl TensorSpec {
 /// Writes a checkpoint into `dir` (created if missing) and returns it opened.
 ///
 /// # Errors
-/// [`ModelError::Generate`] for invalid options or a folder that already holds a
-/// checkpoint, [`ModelError::Io`] for write errors.
+/// [`ModelError::Generate`] for invalid options, sizes above the generator's limits or a
+/// folder that is not empty, [`ModelError::Io`] for write errors.
 pub fn generate_checkpoint(
     dir: &Path,
     options: &GeneratorOptions,
@@ -95,7 +95,7 @@ pub fn generate_checkpoint(
     let non_empty = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
     if non_empty {
         let what = if dir.join(crate::checkpoint::CONFIG_FILE).exists() {
-            "already holds a checkpoint"
+            "already contains a checkpoint"
         } else {
             "is not empty"
         };

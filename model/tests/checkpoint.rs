@@ -218,7 +218,7 @@ fn bad_folders_give_clear_errors() {
 
     let error = generate_checkpoint(dir.path(), &small(Family::Mixtral, DType::F32)).unwrap_err();
     assert!(
-        error.to_string().contains("already holds a checkpoint"),
+        error.to_string().contains("already contains a checkpoint"),
         "{error}"
     );
 }

@@ -1,6 +1,6 @@
-//! The node's side of discovery: a libp2p swarm in Kademlia server mode that stores other
-//! peers' records after validating them, and publishes this node's provider keys and signed
-//! node record, republishing them well inside their TTL and withdrawing them on shutdown.
+//! The node's side of discovery: a libp2p swarm in Kademlia server mode. It validates other
+//! peers' records before storing them. It publishes this node's provider keys and signed
+//! node record, republishes them well inside their TTL and withdraws them on shutdown.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -59,7 +59,7 @@ impl Default for P2pConfig {
     }
 }
 
-/// What the announcer needs to know about the node it announces.
+/// The facts about the node that its records announce.
 #[derive(Debug, Clone)]
 pub(crate) struct Announcement {
     pub(crate) model_id: String,

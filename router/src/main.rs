@@ -50,7 +50,7 @@ enum Command {
         json: bool,
     },
     /// Send random hidden states to one expert of a node, verify the signed results, and
-    /// compare them with local computation when the checkpoint holds that expert.
+    /// compare them with local computation when the checkpoint contains that expert.
     Call {
         #[arg(long)]
         node: String,

@@ -21,7 +21,7 @@ use libp2p::kad::{self, GetProvidersOk};
 use libp2p::swarm::SwarmEvent;
 use serde::Serialize;
 
-/// What to measure.
+/// Options of the DHT benchmark.
 #[derive(Debug, Clone)]
 pub struct DhtBenchOptions {
     /// Network sizes, each including the bootstrap node.
@@ -130,9 +130,9 @@ async fn measure_size(
     }
     let formation_s = formation.elapsed().as_secs_f64();
 
-    // Joining costs each node's and its neighbours' CPU (Kademlia bootstrap, first
-    // publications); measure once the network has settled: two consecutive 2 s windows
-    // under 50% of one core, or after 60 s.
+    // Joining costs CPU on each node and its neighbours (Kademlia bootstrap, first
+    // publications). Measurements start once the network has settled, after two
+    // consecutive 2 s windows under 50% of one core, or after 60 s.
     let settle = Instant::now();
     let mut calm_windows = 0;
     let mut idle_cpu_percent = f64::NAN;
@@ -377,7 +377,7 @@ fn resident_kib() -> u64 {
     pages * 4
 }
 
-/// The rows as a Markdown table.
+/// Formats the rows as a Markdown table.
 pub fn to_markdown(rows: &[DhtRow]) -> String {
     let mut out = String::from(
         "| nodes | first provider p50 / p99 ms | query done p50 / p99 ms | resolve p50 / p99 ms | visible after start p50 / max ms | memory per node KiB | formation s | settled CPU % of a core |\n|---|---|---|---|---|---|---|---|\n",

@@ -44,7 +44,7 @@ fn make_checkpoint_writes_a_complete_folder() {
         .unwrap();
     assert!(!again.status.success());
     let stderr = String::from_utf8(again.stderr).unwrap();
-    assert!(stderr.contains("already holds a checkpoint"), "{stderr}");
+    assert!(stderr.contains("already contains a checkpoint"), "{stderr}");
 }
 
 #[test]

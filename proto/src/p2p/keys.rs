@@ -5,10 +5,10 @@ use libp2p::kad::RecordKey;
 
 const PREFIX: &str = "expertnet/v1";
 
-/// Provider keys per layer. libp2p-kad 0.49 answers a provider lookup with at most 20
-/// providers (its replication factor) per storing peer, so the nodes of a layer are split
-/// over this many keys by their peer id, and clients look up all of them: up to about 80
-/// nodes per layer are visible.
+/// Provider keys per layer. libp2p-kad 0.49 returns at most 20 providers (its replication
+/// factor) per storing peer in a provider lookup. So the nodes of a layer are split over
+/// this many keys by their peer id, and clients look up all of them: up to about 80 nodes
+/// per layer are visible.
 // NOTE: a layer hosted by many more nodes than 80 needs more shards; the count is part of
 // the protocol, the same for every peer.
 pub const PROVIDER_SHARDS: u32 = 4;
@@ -19,9 +19,9 @@ pub fn provider_shard(peer: &PeerId) -> u32 {
     u32::from(digest.as_bytes()[0]) % PROVIDER_SHARDS
 }
 
-/// The provider key of one layer of one model, shard `shard`: a node provides the key of
-/// its shard for each layer in which it hosts experts, so a node costs one provider key per
-/// hosted layer, not one per expert.
+/// The provider key of one layer of one model, shard `shard`. A node provides the key of
+/// its shard for each layer in which it hosts experts: one provider key per hosted layer,
+/// not one per expert.
 pub fn layer_key(model_id: &str, layer: u32, shard: u32) -> RecordKey {
     RecordKey::new(&format!("{PREFIX}/layer/{model_id}/{layer}/{shard}"))
 }

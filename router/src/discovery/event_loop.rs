@@ -58,7 +58,7 @@ pub(super) fn spawn(
     Ok(())
 }
 
-/// What a lookup is for.
+/// The target of a lookup.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Target {
     Layer {
@@ -466,7 +466,7 @@ impl EventLoop {
         }
     }
 
-    /// Answers a lookup's waiters with what it found and caches layer results.
+    /// Sends a lookup's results to its waiters and caches layer results.
     fn complete(&mut self, target: &Target) {
         let Some(lookup) = self.lookups.remove(target) else {
             return;
