@@ -40,6 +40,7 @@ pub struct RunningNode {
     grpc_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     model_id: String,
+    model: Arc<HostedModel>,
     key: NodeKey,
     metrics: Arc<NodeMetrics>,
     queue: ComputeQueue,
@@ -198,6 +199,7 @@ impl Node {
             grpc_addr,
             metrics_addr,
             model_id: model.model_id.clone(),
+            model: Arc::clone(&model),
             key,
             metrics,
             queue,
@@ -291,6 +293,13 @@ impl RunningNode {
 
     pub fn model_id(&self) -> &str {
         &self.model_id
+    }
+
+    /// The weights of a hosted expert, sharing memory with the node's copy, so that
+    /// benchmarks and tests compare with local computation on the very same weights.
+    pub fn hosted_expert(&self, layer: u32, expert: u32) -> Option<expertnet_model::Expert> {
+        let slot = self.model.slot(layer, expert)?;
+        Some(self.model.experts[slot].weights.clone())
     }
 
     pub fn key(&self) -> &NodeKey {

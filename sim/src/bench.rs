@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use expertnet_model::codec::wire_from_f32;
 use expertnet_model::rng::SplitMix64;
-use expertnet_model::{Checkpoint, Family, GeneratorOptions, MatmulLayout, generate_checkpoint};
+use expertnet_model::{Family, GeneratorOptions, MatmulLayout, generate_checkpoint};
 use expertnet_node::{ExpertSpec, Node, NodeConfig, NodeKey};
 use expertnet_proto::pb::echo_service_client::EchoServiceClient;
 use expertnet_proto::pb::echo_service_server::{EchoService, EchoServiceServer};
@@ -160,12 +160,15 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             ..GeneratorOptions::default()
         };
         generate_checkpoint(dir.path(), &generator)?;
-        let checkpoint = Checkpoint::open(dir.path())?;
-        let expert = checkpoint.load_expert(0, 0, DType::F32, &Device::Cpu)?;
 
         let mut config = NodeConfig::new(dir.path(), "0:0".parse::<ExpertSpec>()?);
         config.threads = Some(options.node_threads);
         let node = Node::start(config, NodeKey::generate()?).await?;
+        // Local computation uses the node's own copy of the weights, so that both sides see
+        // the same memory and cache behaviour.
+        let expert = node
+            .hosted_expert(0, 0)
+            .ok_or_else(|| anyhow::anyhow!("the node does not host layer 0 expert 0"))?;
         let endpoint = format!("http://{}", node.grpc_addr());
         let mut client = NodeClient::connect(
             &endpoint,

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use expertnet_model::{Family, GeneratorOptions, Manifest, generate_checkpoint};
 use expertnet_proto::DType;
 use expertnet_sim::bench::{self, BenchOptions};
-use expertnet_sim::dht_bench;
+use expertnet_sim::{demo, dht_bench};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,6 +29,19 @@ enum Layout {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start a small network on 127.0.0.1 in this process and send verified requests
+    /// through it, killing one node halfway.
+    Demo {
+        /// Checkpoint folder, made on first use [default: ~/.cache/expertnet/demo-checkpoint].
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Token rows per expert call.
+        #[arg(long, default_value_t = 8)]
+        tokens: usize,
+        /// Seed of the hidden states sent.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Write a seeded random checkpoint in the Hugging Face layout, with its manifest.
     MakeCheckpoint {
         /// Output folder: new, or empty.
@@ -127,6 +140,11 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
+        Command::Demo {
+            checkpoint,
+            tokens,
+            seed,
+        } => demo(checkpoint, tokens, seed),
         Command::MakeCheckpoint {
             out,
             layout,
@@ -182,6 +200,44 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn demo(checkpoint: Option<PathBuf>, tokens: usize, seed: u64) -> anyhow::Result<()> {
+    if tokens == 0 || tokens > 1024 {
+        anyhow::bail!("--tokens must be between 1 and 1024, got {tokens}");
+    }
+    let options = demo::DemoOptions {
+        checkpoint: checkpoint.unwrap_or_else(demo::default_checkpoint_dir),
+        tokens,
+        seed,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut report = runtime.block_on(demo::run(&options))?;
+
+    report.latencies.sort();
+    let percentile = |p: f64| {
+        let index = ((report.latencies.len().max(1) - 1) as f64 * p).round() as usize;
+        report
+            .latencies
+            .get(index)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "{} expert calls of {tokens} tokens: {} served by a second replica after a failure, {} failed",
+        report.calls, report.retried_calls, report.failed_calls
+    );
+    println!(
+        "every receipt verified; max relative error against local computation {:.2e}",
+        report.max_relative_error
+    );
+    println!(
+        "latency p50 {:.2} ms, p99 {:.2} ms",
+        percentile(0.5),
+        percentile(0.99)
+    );
+    Ok(())
 }
 
 fn make_checkpoint(out: &std::path::Path, options: &GeneratorOptions) -> anyhow::Result<()> {

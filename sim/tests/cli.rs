@@ -93,3 +93,27 @@ fn bad_options_are_explained() {
         assert!(stderr.contains(fragment), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn demo_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("demo");
+    for run in ["first run makes the checkpoint", "second run reuses it"] {
+        let output = Command::new(BINARY)
+            .args(["demo", "--tokens", "4"])
+            .arg("--checkpoint")
+            .arg(&checkpoint)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(output.status.success(), "{run}: {stderr}");
+        assert!(
+            stdout.contains("32 expert calls of 4 tokens"),
+            "{run}: {stdout}"
+        );
+        assert!(stdout.contains(", 0 failed"), "{run}: {stdout}");
+        assert!(stdout.contains("every receipt verified"), "{run}: {stdout}");
+        assert!(stderr.contains("killing node 1"), "{run}: {stderr}");
+    }
+}
