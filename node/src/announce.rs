@@ -94,19 +94,25 @@ impl Announcer {
         announcement: Announcement,
         metrics: Arc<NodeMetrics>,
     ) -> Result<Self, NodeError> {
+        for address in &config.listen {
+            check_port_free(address)?;
+        }
         let mut swarm = p2p::build_swarm(key.keypair(), true, &config.dht)
             .map_err(|reason| NodeError::Config(format!("cannot set up libp2p: {reason}")))?;
         for address in &config.listen {
             swarm.listen_on(address.clone()).map_err(|error| {
-                NodeError::Config(format!("cannot listen on {address}: {error}"))
+                NodeError::Config(format!(
+                    "cannot listen for libp2p on {address}: {}",
+                    describe_error(&error)
+                ))
             })?;
         }
 
         let mut external_grpc = Vec::new();
         for address in &config.external {
-            match grpc_endpoint(address) {
-                Some(endpoint) => external_grpc.push(endpoint),
-                None => swarm.add_external_address(address.clone()),
+            match classify_external(address)? {
+                External::Grpc(endpoint) => external_grpc.push(endpoint),
+                External::P2p => swarm.add_external_address(address.clone()),
             }
         }
 
@@ -268,15 +274,24 @@ impl State {
                 let first = self.connected.is_empty();
                 self.connected.insert(peer_id);
                 self.metrics.set_connected_peers(self.connected.len());
-                let is_bootstrap = self
-                    .bootstrap
-                    .on_connected(&peer_id, endpoint.get_remote_address());
+                let is_bootstrap =
+                    self.bootstrap
+                        .on_connected(swarm, &peer_id, endpoint.get_remote_address());
+                if first {
+                    tracing::info!(peer = %peer_id, "connected to the network");
+                }
                 if first || is_bootstrap {
                     // A new way into the network: refresh the routing table and announce
                     // at once, so a node that started alone becomes visible as soon as it
                     // is connected.
                     let _ = swarm.behaviour_mut().kad.bootstrap();
                     self.next_publish = Instant::now();
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                // One line per failed bootstrap dial; dials back off to one every 10 s.
+                if let Some(address) = self.bootstrap.on_dial_failed(peer_id.as_ref(), &error) {
+                    tracing::warn!(%address, %error, "cannot reach bootstrap peer; retrying");
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -507,6 +522,64 @@ impl State {
     }
 }
 
+/// Fails when another process listens on a listen address's fixed port. libp2p binds TCP
+/// ports with `SO_REUSEPORT` (to dial from its listen port), so two nodes could otherwise
+/// share a port and split its connections between them without an error.
+fn check_port_free(address: &Multiaddr) -> Result<(), NodeError> {
+    let mut ip = None;
+    let mut port = None;
+    let mut udp = false;
+    for part in address.iter() {
+        match part {
+            Protocol::Ip4(v4) => ip = Some(IpAddr::V4(v4)),
+            Protocol::Ip6(v6) => ip = Some(IpAddr::V6(v6)),
+            Protocol::Tcp(p) => port = Some(p),
+            Protocol::Udp(p) => {
+                port = Some(p);
+                udp = true;
+            }
+            _ => {}
+        }
+    }
+    let (Some(ip), Some(port)) = (ip, port.filter(|&p| p != 0)) else {
+        return Ok(());
+    };
+
+    let socket = SocketAddr::new(ip, port);
+    let result = if udp {
+        std::net::UdpSocket::bind(socket).map(drop)
+    } else {
+        std::net::TcpListener::bind(socket).map(drop)
+    };
+    result.map_err(|error| {
+        NodeError::Config(format!(
+            "cannot listen for libp2p on {address}: {error}; choose another port with --p2p-listen, or stop the process that uses it"
+        ))
+    })
+}
+
+/// An error with its sources, or its debug form when its message is empty (some libp2p
+/// transport errors have none).
+fn describe_error(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !cause_text.is_empty() && !text.contains(&cause_text) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    if text.trim().is_empty() {
+        format!("{error:?}")
+    } else {
+        text
+    }
+}
+
 fn http_endpoint(ip: IpAddr, port: u16) -> String {
     match ip {
         IpAddr::V4(ip) => format!("http://{ip}:{port}"),
@@ -532,6 +605,51 @@ fn announceable(address: &Multiaddr, loopback_only: bool) -> bool {
     match ip_of(address) {
         Some(ip) => !ip.is_unspecified() && (loopback_only || !ip.is_loopback()),
         None => true,
+    }
+}
+
+enum External {
+    Grpc(String),
+    P2p,
+}
+
+/// Sorts an `--external-addr` value into a gRPC endpoint or a libp2p address, rejecting
+/// anything that is neither, and wildcard hosts, which no peer can dial.
+fn classify_external(address: &Multiaddr) -> Result<External, NodeError> {
+    let invalid = |reason: &str| {
+        NodeError::Config(format!(
+            "invalid --external-addr {address}: {reason}; use /ip4/HOST/tcp/PORT or /ip4/HOST/udp/PORT/quic-v1 for libp2p, or /ip4/HOST/tcp/PORT/http (or /dns4/NAME/...) for the gRPC endpoint"
+        ))
+    };
+    if ip_of(address).is_some_and(|ip| ip.is_unspecified()) {
+        return Err(invalid("a wildcard address cannot be dialed"));
+    }
+    if let Some(endpoint) = grpc_endpoint(address) {
+        return Ok(External::Grpc(endpoint));
+    }
+
+    let parts: Vec<Protocol<'_>> = address
+        .iter()
+        .filter(|part| !matches!(part, Protocol::P2p(_)))
+        .collect();
+    let host_ok = |part: &Protocol<'_>| {
+        matches!(
+            part,
+            Protocol::Ip4(_)
+                | Protocol::Ip6(_)
+                | Protocol::Dns(_)
+                | Protocol::Dns4(_)
+                | Protocol::Dns6(_)
+        )
+    };
+    match parts.as_slice() {
+        [host, Protocol::Tcp(port)] if host_ok(host) && *port != 0 => Ok(External::P2p),
+        [host, Protocol::Udp(port), Protocol::QuicV1] if host_ok(host) && *port != 0 => {
+            Ok(External::P2p)
+        }
+        _ => Err(invalid(
+            "it is neither a libp2p TCP or QUIC address nor a gRPC endpoint",
+        )),
     }
 }
 
@@ -571,6 +689,40 @@ mod tests {
         for (address, expected) in cases {
             let address: Multiaddr = address.parse().unwrap();
             assert_eq!(grpc_endpoint(&address).as_deref(), expected, "{address}");
+        }
+    }
+
+    #[test]
+    fn external_addresses_are_classified() {
+        let good = [
+            "/ip4/127.0.0.1/tcp/4100",
+            "/ip4/127.0.0.1/udp/4100/quic-v1",
+            "/dns4/node-1/tcp/4100",
+            "/ip4/127.0.0.1/tcp/50051/http",
+        ];
+        for address in good {
+            assert!(
+                classify_external(&address.parse().unwrap()).is_ok(),
+                "{address}"
+            );
+        }
+        let bad = [
+            "/ip4/127.0.0.1/tcp/50058/https",
+            "/ip4/127.0.0.1/udp/50059/http",
+            "/ip4/127.0.0.1",
+            "/ip4/0.0.0.0/tcp/50058/http",
+            "/ip4/0.0.0.0/tcp/4100",
+            "/ip4/127.0.0.1/tcp/0",
+        ];
+        for address in bad {
+            let error = classify_external(&address.parse().unwrap())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                error.contains("invalid --external-addr"),
+                "{address}: {error}"
+            );
         }
     }
 

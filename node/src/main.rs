@@ -108,24 +108,24 @@ struct RunArgs {
     drain_timeout_secs: Option<u64>,
     /// libp2p listen address, repeatable [default: /ip4/127.0.0.1/tcp/4100 and
     /// /ip4/127.0.0.1/udp/4100/quic-v1].
-    #[arg(long = "p2p-listen")]
+    #[arg(long = "p2p-listen", value_parser = parse_multiaddr)]
     #[serde(default)]
     p2p_listen: Vec<Multiaddr>,
     /// Peer to join the network through, repeatable, as /ip4/HOST/tcp/PORT/p2p/PEER_ID
     /// (`expertnet-node id` prints a node's peer id). None: this is the first node.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_multiaddr)]
     #[serde(default)]
     bootstrap: Vec<Multiaddr>,
     /// Address to announce instead of the listen addresses, repeatable: a libp2p address,
     /// or a gRPC endpoint written as /ip4/HOST/tcp/PORT/http or /dns4/NAME/tcp/PORT/http.
-    #[arg(long = "external-addr")]
+    #[arg(long = "external-addr", value_parser = parse_multiaddr)]
     #[serde(default)]
     external_addr: Vec<Multiaddr>,
     /// Seconds the node's records live in the DHT without a republish [default: 90].
-    #[arg(long)]
+    #[arg(long, value_parser = parse_seconds)]
     record_ttl: Option<u64>,
     /// Seconds between republications of the node's records [default: 30].
-    #[arg(long)]
+    #[arg(long, value_parser = parse_seconds)]
     republish_interval: Option<u64>,
 }
 
@@ -222,6 +222,23 @@ fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{text:?} is not IP:PORT or HOST:PORT, such as 127.0.0.1:50051"))
 }
 
+/// Parses a multiaddr, with the expected forms in the error.
+fn parse_multiaddr(text: &str) -> Result<Multiaddr, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not a multiaddr; write /ip4/HOST/tcp/PORT (add /p2p/PEER_ID for a bootstrap peer) or /ip4/HOST/udp/PORT/quic-v1"
+        )
+    })
+}
+
+/// Parses whole seconds, written as `30` or `30s`.
+fn parse_seconds(text: &str) -> Result<u64, String> {
+    text.strip_suffix('s')
+        .unwrap_or(text)
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number of seconds, such as 30"))
+}
+
 fn first_non_empty<T>(first: Vec<T>, second: Vec<T>) -> Vec<T> {
     if first.is_empty() { second } else { first }
 }
@@ -252,8 +269,11 @@ fn p2p_config(
     if let Some(seconds) = republish_interval {
         config.republish_interval = Duration::from_secs(seconds);
     }
-    if config.dht.record_ttl.is_zero() || config.republish_interval.is_zero() {
-        bail!("--record-ttl and --republish-interval must be at least 1 second");
+    if config.dht.record_ttl.is_zero() {
+        bail!("--record-ttl is 0; it must be at least 1 second");
+    }
+    if config.republish_interval.is_zero() {
+        bail!("--republish-interval is 0; it must be at least 1 second");
     }
     if config.republish_interval >= config.dht.record_ttl {
         bail!(

@@ -37,6 +37,7 @@
 
 mod client;
 pub mod discovery;
+pub mod gate;
 mod identity;
 mod verify;
 

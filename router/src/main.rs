@@ -14,6 +14,21 @@ use expertnet_model::{Checkpoint, Manifest, ModelError, max_row_relative_error};
 use expertnet_proto::{DType, ExpertInput, ForwardCall, LayerExperts, RequestId};
 use expertnet_router::{Discovery, DiscoveryConfig, NodeClient, short_peer_id};
 
+/// Prints a line to stdout. When stdout is closed early, as in `... | head`, the process
+/// exits quietly instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write to stdout: {error}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "expertnet", version, about = "Query and call expertnet nodes")]
 struct Cli {
@@ -28,7 +43,7 @@ enum Command {
     Experts {
         /// Peer to join the network through, repeatable:
         /// /ip4/HOST/tcp/PORT/p2p/PEER_ID (`expertnet-node run` logs its own).
-        #[arg(long, required = true)]
+        #[arg(long, required = true, value_parser = parse_bootstrap)]
         bootstrap: Vec<libp2p::Multiaddr>,
         /// Only this model.
         #[arg(long)]
@@ -160,6 +175,15 @@ fn main() -> ExitCode {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Parses a bootstrap multiaddr, with the expected form in the error.
+fn parse_bootstrap(text: &str) -> Result<libp2p::Multiaddr, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not a multiaddr; write /ip4/HOST/tcp/PORT/p2p/PEER_ID (a node logs its own as \"bootstrap address of this node\")"
+        )
+    })
+}
+
 async fn experts(
     bootstrap: Vec<libp2p::Multiaddr>,
     model: Option<&str>,
@@ -169,7 +193,33 @@ async fn experts(
     let discovery = Discovery::start(DiscoveryConfig::new(bootstrap))?;
     discovery.wait_bootstrapped(timeout).await?;
     let mut records = discovery.nodes().await?;
-    records.retain(|record| model.is_none_or(|model| record.model_id == model));
+    let nodes_found = records.len();
+    let mut served: Vec<String> = records.iter().map(|r| r.model_id.clone()).collect();
+    served.sort();
+    served.dedup();
+
+    // A model is named by its full id or a prefix of it that only one served model has.
+    if let Some(model) = model {
+        let matching: Vec<&String> = served.iter().filter(|id| id.starts_with(model)).collect();
+        match matching.as_slice() {
+            [id] => {
+                let id = (*id).clone();
+                records.retain(|record| record.model_id == id);
+            }
+            [] => {
+                records.clear();
+            }
+            several => bail!(
+                "--model {model} matches {} models ({}); give more of the id",
+                several.len(),
+                several
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
     let now_ms = expertnet_proto::p2p::unix_millis();
 
     // model id -> layer -> expert -> replicas
@@ -216,26 +266,32 @@ async fn experts(
                 serde_json::json!({"model_id": model_id, "layers": layers})
             })
             .collect();
-        let value = serde_json::json!({"nodes": records.len(), "models": models});
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        let value = serde_json::json!({"nodes": nodes_found, "models": models});
+        outln!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
 
     if table.is_empty() {
+        let listed = if served.is_empty() {
+            "none".to_owned()
+        } else {
+            served.join(", ")
+        };
         match model {
-            Some(model) => println!(
-                "no node serves model {model} ({} nodes found)",
-                records.len()
+            Some(model) => outln!(
+                "no node serves model {model}; {} found, serving: {listed}",
+                plural(nodes_found, "node")
             ),
-            None => println!("no experts found ({} nodes found)", records.len()),
+            None => outln!("no experts found; {} found", plural(nodes_found, "node")),
         }
         return Ok(());
     }
     for (model_id, layers) in &table {
-        println!("model {model_id}");
-        println!(
+        outln!("model {model_id}");
+        outln!(
             "  {:>5} {:>7}  replicas (node, endpoint, load/capacity tokens, record age)",
-            "layer", "experts"
+            "layer",
+            "experts"
         );
         for (layer, experts) in layers {
             // Consecutive experts with the same replicas share a line.
@@ -255,11 +311,11 @@ async fn experts(
                 } else {
                     format!("{first}-{last}")
                 };
-                println!("  {layer:>5} {experts:>7}  {text}");
+                outln!("  {layer:>5} {experts:>7}  {text}");
             }
         }
     }
-    println!("{} nodes", records.len());
+    outln!("{} found", plural(nodes_found, "node"));
     Ok(())
 }
 
@@ -297,33 +353,33 @@ async fn info(endpoint: &str, json: bool) -> anyhow::Result<()> {
                 "max_batch_tokens": limits.max_batch_tokens,
             },
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
 
-    println!(
+    outln!(
         "node       {} ({})",
         info.node_id,
         short_peer_id(&node.peer_id())
     );
-    println!("version    {}", info.version);
+    outln!("version    {}", info.version);
     for model in &models {
-        println!(
+        outln!(
             "model      {}",
             model["model_id"].as_str().unwrap_or_default()
         );
-        println!(
+        outln!(
             "  type     {}",
             model["model_type"].as_str().unwrap_or_default()
         );
-        println!("  hidden   {}", model["hidden_size"]);
+        outln!("  hidden   {}", model["hidden_size"]);
         let experts: Vec<&str> = model["experts"]
             .as_array()
             .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
             .unwrap_or_default();
-        println!("  experts  {} (layer:experts)", experts.join(" "));
+        outln!("  experts  {} (layer:experts)", experts.join(" "));
     }
-    println!(
+    outln!(
         "limits     {} bytes per message, {} tokens per request, {} queued tokens, {} tokens per batch",
         limits.max_message_bytes,
         limits.max_tokens_per_request,
@@ -331,6 +387,14 @@ async fn info(endpoint: &str, json: bool) -> anyhow::Result<()> {
         limits.max_batch_tokens
     );
     Ok(())
+}
+
+fn plural(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
 }
 
 fn describe_replicas(replicas: &[serde_json::Value]) -> String {
@@ -446,7 +510,7 @@ async fn call(endpoint: &str, options: &CallOptions) -> anyhow::Result<()> {
     if !latencies.is_empty() {
         latencies.sort();
         let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
-        println!(
+        outln!(
             "{} of {} requests of {} tokens to layer {} expert {} on {}: all receipts verified",
             latencies.len(),
             options.repeat,
@@ -455,7 +519,7 @@ async fn call(endpoint: &str, options: &CallOptions) -> anyhow::Result<()> {
             options.expert,
             short_peer_id(&node.peer_id())
         );
-        println!(
+        outln!(
             "latency    p50 {:.3} ms, p99 {:.3} ms",
             percentile(0.5).as_secs_f64() * 1e3,
             percentile(0.99).as_secs_f64() * 1e3
@@ -471,7 +535,7 @@ async fn call(endpoint: &str, options: &CallOptions) -> anyhow::Result<()> {
 
     match worst_error {
         Some(error) => {
-            println!("max relative error against local computation: {error:.3e}");
+            outln!("max relative error against local computation: {error:.3e}");
             if error.is_nan() || error > options.tolerance {
                 bail!(
                     "the node's output differs from local computation by {error:.3e}, above --tolerance {:.1e}",
@@ -480,11 +544,9 @@ async fn call(endpoint: &str, options: &CallOptions) -> anyhow::Result<()> {
             }
         }
         None if options.checkpoint.is_some() => {
-            println!(
-                "the checkpoint folder lacks this expert's weights; only the digest was checked"
-            )
+            outln!("the checkpoint folder lacks this expert's weights; only the digest was checked")
         }
-        None => println!(
+        None => outln!(
             "pass --checkpoint DIR to check weight digests and compare with local computation"
         ),
     }

@@ -10,6 +10,21 @@ use expertnet_proto::DType;
 use expertnet_sim::bench::{self, BenchOptions};
 use expertnet_sim::{demo, dht_bench};
 
+/// Prints a line to stdout. When stdout is closed early, as in `... | head`, the process
+/// exits quietly instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write to stdout: {error}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "expertnet-sim",
@@ -224,15 +239,17 @@ fn demo(checkpoint: Option<PathBuf>, tokens: usize, seed: u64) -> anyhow::Result
             .get(index)
             .map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
-    println!(
+    outln!(
         "{} expert calls of {tokens} tokens: {} served by a second replica after a failure, {} failed",
-        report.calls, report.retried_calls, report.failed_calls
+        report.calls,
+        report.retried_calls,
+        report.failed_calls
     );
-    println!(
+    outln!(
         "every receipt verified; max relative error against local computation {:.2e}",
         report.max_relative_error
     );
-    println!(
+    outln!(
         "latency p50 {:.2} ms, p99 {:.2} ms",
         percentile(0.5),
         percentile(0.99)
@@ -255,7 +272,7 @@ fn make_checkpoint(out: &std::path::Path, options: &GeneratorOptions) -> anyhow:
         config.num_experts_per_tok,
         options.dtype
     );
-    println!("{}", manifest.model_id());
+    outln!("{}", manifest.model_id());
     Ok(())
 }
 
@@ -283,9 +300,9 @@ fn bench_dht(
         .build()?;
     let rows = runtime.block_on(dht_bench::run(&options))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        print!("{}", dht_bench::to_markdown(&rows));
+        outln!("{}", dht_bench::to_markdown(&rows).trim_end());
     }
     Ok(())
 }
@@ -325,9 +342,9 @@ fn bench_node(
         .build()?;
     let report = runtime.block_on(bench::run(&options))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", report.to_markdown());
+        outln!("{}", report.to_markdown().trim_end());
     }
     Ok(())
 }

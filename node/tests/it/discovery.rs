@@ -833,3 +833,32 @@ async fn reported_failure_drops_the_replica_at_once() {
     second.shutdown().await.unwrap();
     first.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_p2p_port_is_reported() {
+    let dir = checkpoint_dir();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let on_port = || P2pConfig {
+        listen: vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()],
+        ..fast_p2p(Vec::new())
+    };
+    let first = start_node(dir.path(), "0:0", NodeKey::generate().unwrap(), on_port()).await;
+
+    // libp2p binds with SO_REUSEPORT; the node must still refuse to share the port.
+    let mut config = NodeConfig::new(dir.path(), "0:1".parse::<ExpertSpec>().unwrap());
+    config.p2p = Some(on_port());
+    let error = Node::start(config, NodeKey::generate().unwrap())
+        .await
+        .expect_err("a second node on the same port must not start")
+        .to_string();
+    assert!(
+        error.contains(&format!("/ip4/127.0.0.1/tcp/{port}")),
+        "{error}"
+    );
+    assert!(error.contains("choose another port"), "{error}");
+    first.shutdown().await.unwrap();
+}

@@ -15,7 +15,7 @@ pub use record::{
 pub use swarm::{
     BOOTSTRAP_REFRESH, Behaviour, BehaviourEvent, Bootstrapper, DhtSettings, IDENTIFY_PROTOCOL,
     KAD_PROTOCOL, MAX_BOOTSTRAP_BACKOFF, MAX_KAD_MESSAGE_BYTES, MAX_PROVIDERS_PER_KEY,
-    MIN_BOOTSTRAP_BACKOFF, build_swarm, learn_addresses, peer_of, routable,
+    MIN_BOOTSTRAP_BACKOFF, QUIC_HANDSHAKE_TIMEOUT, build_swarm, learn_addresses, peer_of, routable,
 };
 
 /// Milliseconds since the Unix epoch; 0 if the clock is before it.

@@ -29,6 +29,9 @@ pub const MAX_KAD_MESSAGE_BYTES: usize = 64 * 1024;
 // peer; a network that large needs provider keys split by expert ranges.
 pub const MAX_PROVIDERS_PER_KEY: usize = 256;
 
+/// Limit on a QUIC handshake. Within a network a handshake takes a few round trips.
+pub const QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How often a connected peer refreshes its routing table with a Kademlia bootstrap.
 pub const BOOTSTRAP_REFRESH: Duration = Duration::from_secs(300);
 
@@ -121,7 +124,12 @@ pub fn build_swarm(
             yamux::Config::default,
         )
         .map_err(|e| format!("TCP transport: {e}"))?
-        .with_quic()
+        .with_quic_config(|mut config| {
+            // A crashed peer never answers a QUIC handshake (UDP has no reset); give up
+            // sooner than the default so lookups that meet it are not held for long.
+            config.handshake_timeout = QUIC_HANDSHAKE_TIMEOUT;
+            config
+        })
         .with_dns()
         .map_err(|e| format!("DNS resolver: {e}"))?
         .with_behaviour(|key| {
@@ -166,6 +174,8 @@ struct BootstrapPeer {
     address: libp2p::Multiaddr,
     /// From the address's `/p2p/` suffix, or learned from the first connection.
     peer: Option<libp2p::PeerId>,
+    /// Why the last dial failed, if it did.
+    last_error: Option<String>,
 }
 
 /// First retry delay of [`Bootstrapper`]; it doubles up to [`MAX_BOOTSTRAP_BACKOFF`].
@@ -179,6 +189,7 @@ impl Bootstrapper {
             .map(|address| BootstrapPeer {
                 peer: peer_of(&address),
                 address,
+                last_error: None,
             })
             .collect();
         let now = std::time::Instant::now();
@@ -196,9 +207,8 @@ impl Bootstrapper {
 
     /// Adds the bootstrap peers with known ids to Kademlia's routing table and dials every
     /// bootstrap address whose peer is not connected, if a retry is due. Returns the number
-    /// of dials started.
-    /// Every [`BOOTSTRAP_REFRESH`] it also runs a Kademlia bootstrap to refresh the routing
-    /// table, if it has any peer.
+    /// of dials started. Every [`BOOTSTRAP_REFRESH`] it also runs a Kademlia bootstrap to
+    /// refresh the routing table.
     pub fn tick(&mut self, swarm: &mut Swarm<Behaviour>, now: std::time::Instant) -> usize {
         if now >= self.next_refresh {
             self.next_refresh = now + BOOTSTRAP_REFRESH;
@@ -209,7 +219,7 @@ impl Bootstrapper {
         }
 
         let mut dialed = 0;
-        for bootstrap in &self.peers {
+        for bootstrap in &mut self.peers {
             if bootstrap.peer.is_some_and(|peer| swarm.is_connected(&peer)) {
                 continue;
             }
@@ -223,6 +233,7 @@ impl Bootstrapper {
                 Ok(()) => dialed += 1,
                 Err(error) => {
                     tracing::debug!(address = %bootstrap.address, %error, "bootstrap dial failed");
+                    bootstrap.last_error = Some(error.to_string());
                 }
             }
         }
@@ -236,17 +247,61 @@ impl Bootstrapper {
         dialed
     }
 
-    /// Records a new connection; when it is to a bootstrap address given without a peer id,
-    /// remembers the peer id. Returns whether the peer is a bootstrap peer.
-    pub fn on_connected(&mut self, peer: &libp2p::PeerId, address: &libp2p::Multiaddr) -> bool {
+    /// Records a new connection. When it is to a bootstrap address given without a peer
+    /// id, remembers the peer id and adds the address to Kademlia's routing table. Returns
+    /// whether the peer is a bootstrap peer.
+    pub fn on_connected(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: &libp2p::PeerId,
+        address: &libp2p::Multiaddr,
+    ) -> bool {
         let mut known = false;
         for bootstrap in &mut self.peers {
             if bootstrap.peer.is_none() && &bootstrap.address == address {
                 bootstrap.peer = Some(*peer);
+                swarm.behaviour_mut().kad.add_address(peer, address.clone());
             }
-            known |= bootstrap.peer.as_ref() == Some(peer);
+            if bootstrap.peer.as_ref() == Some(peer) {
+                known = true;
+                bootstrap.last_error = None;
+            }
         }
         known
+    }
+
+    /// Records a failed dial. Returns the bootstrap address it was for, if any, so the
+    /// caller can report it.
+    pub fn on_dial_failed(
+        &mut self,
+        peer: Option<&libp2p::PeerId>,
+        error: &libp2p::swarm::DialError,
+    ) -> Option<libp2p::Multiaddr> {
+        let failed_addresses: Vec<&libp2p::Multiaddr> = match error {
+            libp2p::swarm::DialError::Transport(attempts) => {
+                attempts.iter().map(|(address, _)| address).collect()
+            }
+            _ => Vec::new(),
+        };
+        let bootstrap = self.peers.iter_mut().find(|bootstrap| {
+            (peer.is_some() && bootstrap.peer.as_ref() == peer)
+                || failed_addresses.contains(&&bootstrap.address)
+        })?;
+        bootstrap.last_error = Some(error.to_string());
+        Some(bootstrap.address.clone())
+    }
+
+    /// The bootstrap addresses with the reason their last dial failed, for error messages.
+    pub fn describe_failures(&self) -> String {
+        let failures: Vec<String> = self
+            .peers
+            .iter()
+            .map(|bootstrap| match &bootstrap.last_error {
+                Some(error) => format!("{}: {error}", bootstrap.address),
+                None => format!("{}: no answer yet", bootstrap.address),
+            })
+            .collect();
+        failures.join("; ")
     }
 }
 

@@ -85,6 +85,8 @@ struct Lookup {
     providers: HashSet<PeerId>,
     /// DHT queries of this lookup still running.
     queries_left: usize,
+    /// When the lookup last found a provider or a record.
+    last_progress: Instant,
     /// Providers whose node record is being fetched.
     pending_records: HashSet<PeerId>,
     deadline: Instant,
@@ -123,6 +125,11 @@ struct EventLoop {
     record_queries: HashMap<QueryId, PeerId>,
     records_in_flight: HashMap<PeerId, QueryId>,
 }
+
+/// A lookup that has found providers and all their records, then nothing new for this
+/// long, completes without waiting for its queries to end: a query that meets a crashed
+/// peer waits for that peer's timeout, which is seconds.
+const QUIESCENCE: Duration = Duration::from_millis(300);
 
 /// How often the task checks deadlines, retries bootstrap dials and refreshes the cache.
 const TICK: Duration = Duration::from_millis(100);
@@ -181,6 +188,9 @@ impl EventLoop {
                 self.lookup(swarm, Target::Directory, Some(Waiter::Directory(reply)));
             }
             Command::ReportFailure { peer } => self.drop_peer(&peer),
+            Command::DescribeBootstrap { reply } => {
+                let _ = reply.send(self.bootstrap.describe_failures());
+            }
         }
     }
 
@@ -196,6 +206,7 @@ impl EventLoop {
             waiters: waiter.into_iter().collect(),
             providers: HashSet::new(),
             queries_left: 0,
+            last_progress: Instant::now(),
             pending_records: HashSet::new(),
             deadline: Instant::now() + self.config.lookup_timeout,
             started: false,
@@ -247,6 +258,22 @@ impl EventLoop {
             self.complete(&target);
         }
 
+        let quiet: Vec<Target> = self
+            .lookups
+            .iter()
+            .filter(|(_, lookup)| {
+                lookup.started
+                    && !lookup.providers.is_empty()
+                    && lookup.pending_records.is_empty()
+                    && now.duration_since(lookup.last_progress) >= QUIESCENCE
+            })
+            .map(|(target, _)| target.clone())
+            .collect();
+        for target in quiet {
+            tracing::debug!(?target, "lookup found nothing new for a while; answering");
+            self.complete(&target);
+        }
+
         // Refresh cached layers in use before they go stale; forget long-unused ones.
         let ttl = self.config.cache_ttl;
         self.layers
@@ -273,7 +300,7 @@ impl EventLoop {
             } => {
                 if self
                     .bootstrap
-                    .on_connected(&peer_id, endpoint.get_remote_address())
+                    .on_connected(swarm, &peer_id, endpoint.get_remote_address())
                 {
                     let _ = swarm.behaviour_mut().kad.bootstrap();
                 }
@@ -286,6 +313,11 @@ impl EventLoop {
                     for target in std::mem::take(&mut self.waiting_for_peers) {
                         self.start_lookup(swarm, &target);
                     }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                if let Some(address) = self.bootstrap.on_dial_failed(peer_id.as_ref(), &error) {
+                    tracing::debug!(%address, %error, "cannot reach bootstrap peer; retrying");
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -378,6 +410,7 @@ impl EventLoop {
         if !lookup.providers.insert(provider) {
             return;
         }
+        lookup.last_progress = Instant::now();
 
         let fresh = self
             .records
@@ -449,7 +482,11 @@ impl EventLoop {
             .lookups
             .iter_mut()
             .filter_map(|(target, lookup)| {
-                lookup.pending_records.remove(peer).then(|| target.clone())
+                let waited = lookup.pending_records.remove(peer);
+                if waited {
+                    lookup.last_progress = Instant::now();
+                }
+                waited.then(|| target.clone())
             })
             .collect();
         for target in targets {

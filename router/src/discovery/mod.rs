@@ -56,12 +56,9 @@ pub enum DiscoveryError {
     #[error("no bootstrap address given; pass --bootstrap /ip4/HOST/tcp/PORT/p2p/PEER_ID")]
     NoBootstrap,
     #[error(
-        "could not reach any bootstrap peer ({addresses}) within {timeout:?}; check that a node listens there"
+        "could not reach any bootstrap peer within {timeout:?} ({failures}); check the address and the peer id, and that a node listens there"
     )]
-    BootstrapTimeout {
-        addresses: String,
-        timeout: Duration,
-    },
+    BootstrapTimeout { failures: String, timeout: Duration },
     #[error("the discovery task has stopped")]
     Stopped,
 }
@@ -145,6 +142,9 @@ enum Command {
     ReportFailure {
         peer: PeerId,
     },
+    DescribeBootstrap {
+        reply: oneshot::Sender<String>,
+    },
 }
 
 /// A handle to the discovery task. Cloning it is cheap; the task stops when every handle
@@ -204,15 +204,18 @@ impl Discovery {
         match tokio::time::timeout(timeout, receiver).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(DiscoveryError::Stopped),
-            Err(_) => Err(DiscoveryError::BootstrapTimeout {
-                addresses: self
-                    .bootstrap
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                timeout,
-            }),
+            Err(_) => {
+                let (reply, receiver) = oneshot::channel();
+                self.send(Command::DescribeBootstrap { reply }).await?;
+                let failures = receiver.await.unwrap_or_else(|_| {
+                    self.bootstrap
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                });
+                Err(DiscoveryError::BootstrapTimeout { failures, timeout })
+            }
         }
     }
 

@@ -280,3 +280,45 @@ fn call_argument_errors_name_the_option() {
         assert!(stderr.contains(fragment), "{args:?}: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experts_accepts_a_bootstrap_without_peer_id() {
+    use expertnet_node::P2pConfig;
+
+    let dir = tempfile::tempdir().unwrap();
+    generate_checkpoint(dir.path(), &small_options()).unwrap();
+    let mut config = NodeConfig::new(dir.path(), "1:2".parse::<ExpertSpec>().unwrap());
+    config.p2p = Some(P2pConfig::default());
+    let node = Node::start(config, NodeKey::generate().unwrap())
+        .await
+        .unwrap();
+    let address = node.p2p_addrs()[0].to_string();
+    assert!(!address.contains("/p2p/"), "{address}");
+
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(BINARY)
+            .args(["experts", "--json", "--bootstrap", &address])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let listing: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(listing["nodes"], 1, "{listing}");
+    node.shutdown().await.unwrap();
+}
+
+#[test]
+fn malformed_bootstrap_shows_the_expected_form() {
+    let output = Command::new(BINARY)
+        .args(["experts", "--bootstrap", "127.0.0.1:4100"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("/ip4/HOST/tcp/PORT/p2p/PEER_ID"),
+        "{stderr}"
+    );
+}
