@@ -4,9 +4,10 @@
 //! starts on the compute pool; it repeatedly takes the expert whose oldest job has waited
 //! longest, merges that expert's queued jobs up to `max_batch_tokens` rows into one
 //! forward pass, and sends each caller its rows back, until the queue is empty. While a
-//! pass runs, new requests queue up, so under load passes grow without any added wait;
-//! `batch_wait` optionally holds an idle expert's first job to gather more. One pass runs
-//! at a time and uses every thread of the pool.
+//! pass runs, new requests queue up, so under load passes grow without any added wait.
+//! Under concurrent load a pass may also wait briefly for requests on their way (see
+//! [`hold_until`]); `batch_wait` replaces that with a fixed wait. One pass runs at a time
+//! and uses every thread of the pool.
 //!
 //! The queue is bounded by `max_queued_tokens`: a request that does not fit is rejected at
 //! once, as a whole, so its caller can try another replica.
@@ -50,8 +51,21 @@ struct State {
     queued_tokens: usize,
     /// Whether a drain task is running on the pool.
     draining: bool,
+    /// The last forward pass of each slot, for adaptive batching.
+    last_pass: Vec<Option<PassRecord>>,
     closing: bool,
 }
+
+/// What the last forward pass of a slot was like.
+#[derive(Debug, Clone, Copy)]
+struct PassRecord {
+    requests: usize,
+    duration: Duration,
+    ended: Instant,
+}
+
+/// Longest adaptive hold; see [`next_batch`].
+const MAX_ADAPTIVE_HOLD: Duration = Duration::from_millis(2);
 
 struct Shared {
     state: Mutex<State>,
@@ -114,6 +128,7 @@ impl ComputeQueue {
                 ready: VecDeque::new(),
                 queued_tokens: 0,
                 draining: false,
+                last_pass: vec![None; model.experts.len()],
                 closing: false,
             }),
             changed: Condvar::new(),
@@ -230,9 +245,15 @@ fn run_pass(shared: &Shared, slot: usize, jobs: Vec<Job>) {
         Tensor::cat(&inputs, 0)
     };
     let result = input.and_then(|input| expert.weights.forward(&input));
+    let duration = started.elapsed();
     shared
         .metrics
-        .record_pass(tokens, live.len(), started.elapsed().as_secs_f64());
+        .record_pass(tokens, live.len(), duration.as_secs_f64());
+    shared.lock().last_pass[slot] = Some(PassRecord {
+        requests: live.len(),
+        duration,
+        ended: Instant::now(),
+    });
 
     match result {
         Ok(output) => {
@@ -255,6 +276,31 @@ fn run_pass(shared: &Shared, slot: usize, jobs: Vec<Job>) {
     }
 }
 
+/// Until when the first job of `slot` may wait for more jobs to join its pass, if at all.
+///
+/// With `batch_wait` set, up to that long. Otherwise the wait adapts: when the slot's last
+/// pass merged several requests and ended less than one pass duration ago, clients are
+/// sending concurrently and their next requests are on their way. Waiting half a pass (at
+/// most [`MAX_ADAPTIVE_HOLD`]) lets them join, so the load runs in fewer, larger passes:
+/// with 32 one-token clients of a 1024 / 2816 expert on 2 cores, passes grew from 16 to
+/// 29 requests and throughput by about a fifth. A lone client, whose passes hold one
+/// request, never waits.
+fn hold_until(shared: &Shared, state: &State, slot: usize) -> Option<Instant> {
+    if state.closing {
+        return None;
+    }
+    let front = state.queues[slot].front()?;
+    if !shared.batch_wait.is_zero() {
+        return Some(front.enqueued + shared.batch_wait);
+    }
+    let last = state.last_pass[slot]?;
+    let busy = last.ended.elapsed() < last.duration;
+    if last.requests < 2 || !busy {
+        return None;
+    }
+    Some(front.enqueued.max(last.ended) + (last.duration / 2).min(MAX_ADAPTIVE_HOLD))
+}
+
 /// Takes the next batch: the jobs of the slot that became ready first, up to
 /// `max_batch_tokens` rows (a single larger job forms a batch of its own). Returns `None`,
 /// after marking the drain task stopped, when the queue is empty.
@@ -267,20 +313,16 @@ fn next_batch(shared: &Shared) -> Option<(usize, Vec<Job>)> {
             return None;
         };
 
-        if !shared.batch_wait.is_zero() && !state.closing {
-            let queue = &state.queues[slot];
-            let pending: usize = queue.iter().map(|job| job.tokens).sum();
-            let hold_until = queue.front().map(|job| job.enqueued + shared.batch_wait);
-            if let Some(hold_until) = hold_until {
-                let now = Instant::now();
-                if pending < shared.max_batch_tokens && now < hold_until {
-                    state = shared
-                        .changed
-                        .wait_timeout(state, hold_until - now)
-                        .map(|(guard, _)| guard)
-                        .unwrap_or_else(|e| e.into_inner().0);
-                    continue;
-                }
+        if let Some(hold_until) = hold_until(shared, &state, slot) {
+            let now = Instant::now();
+            let pending: usize = state.queues[slot].iter().map(|job| job.tokens).sum();
+            if pending < shared.max_batch_tokens && now < hold_until {
+                state = shared
+                    .changed
+                    .wait_timeout(state, hold_until - now)
+                    .map(|(guard, _)| guard)
+                    .unwrap_or_else(|e| e.into_inner().0);
+                continue;
             }
         }
 

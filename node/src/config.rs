@@ -23,9 +23,10 @@ pub struct Limits {
     pub max_queued_tokens: usize,
     /// Most token rows in one forward pass of one expert. Default 256.
     pub max_batch_tokens: usize,
-    /// How long an idle expert waits for more requests before a pass that is not full.
-    /// Default 0: a pass starts at once, and requests that arrive during it are batched
-    /// into the next one.
+    /// How long an expert's first queued request waits for more before a pass that is not
+    /// full. Default 0, which adapts: a pass starts at once, requests that arrive during it
+    /// are batched into the next one, and under concurrent load a pass waits up to half a
+    /// pass duration (at most 2 ms) for requests on their way.
     pub batch_wait: Duration,
 }
 
