@@ -271,8 +271,16 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             report.latency.push(row);
         }
 
-        let throughput =
-            concurrent_throughput(&local_pool, options, &expert, &mut client, &model_id, hidden, &node).await?;
+        let throughput = concurrent_throughput(
+            &local_pool,
+            options,
+            &expert,
+            &mut client,
+            &model_id,
+            hidden,
+            &node,
+        )
+        .await?;
         eprintln!(
             "hidden {hidden} ffn {ffn}: {} clients reach {:.0} tokens/s, local batch of {} {:.0} tokens/s",
             throughput.clients,
