@@ -93,6 +93,7 @@ impl Announcer {
         key: &NodeKey,
         announcement: Announcement,
         metrics: Arc<NodeMetrics>,
+        faults: Arc<std::sync::RwLock<crate::FaultConfig>>,
     ) -> Result<Self, NodeError> {
         for address in &config.listen {
             check_port_free(address)?;
@@ -149,6 +150,7 @@ impl Announcer {
             loopback_only,
             listen_addrs: Vec::new(),
             metrics,
+            faults,
             republish_interval: config.republish_interval,
             next_publish: Instant::now(),
             last_sequence: 0,
@@ -209,6 +211,8 @@ struct State {
     /// Announceable listen addresses reported by the swarm.
     listen_addrs: Vec<Multiaddr>,
     metrics: Arc<NodeMetrics>,
+    /// For the advertised-load fault.
+    faults: Arc<std::sync::RwLock<crate::FaultConfig>>,
     republish_interval: Duration,
     next_publish: Instant,
     last_sequence: u64,
@@ -442,7 +446,12 @@ impl State {
                 announcement.layers.clone()
             },
             capacity_tokens: announcement.limits.max_queued_tokens,
-            load_tokens: self.metrics.queued_tokens().min(u64::from(u32::MAX)) as u32,
+            load_tokens: self
+                .faults
+                .read()
+                .ok()
+                .and_then(|faults| faults.advertised_load)
+                .unwrap_or_else(|| self.metrics.queued_tokens().min(u64::from(u32::MAX)) as u32),
             version: expertnet_proto::VERSION.to_owned(),
             sequence: self.last_sequence,
             timestamp_ms: now_ms,

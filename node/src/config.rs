@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use expertnet_proto::DType;
 
-use crate::{ExpertSpec, P2pConfig};
+use crate::{ExpertSpec, FaultConfig, P2pConfig};
 
 /// Limits that protect a node from requests it cannot serve. Each has a documented default;
 /// a request over a limit gets `RESOURCE_EXHAUSTED` with a message naming the limit, and the
@@ -65,6 +65,8 @@ pub struct NodeConfig {
     /// Discovery over the Kademlia DHT; `None` runs a node reachable only by its gRPC
     /// address.
     pub p2p: Option<P2pConfig>,
+    /// Faults to show from the start, for tests and simulations; none by default.
+    pub faults: FaultConfig,
 }
 
 impl NodeConfig {
@@ -82,6 +84,7 @@ impl NodeConfig {
             limits: Limits::default(),
             drain_timeout: Duration::from_secs(30),
             p2p: None,
+            faults: FaultConfig::default(),
         }
     }
 }

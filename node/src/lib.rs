@@ -25,6 +25,7 @@
 mod announce;
 mod compute;
 mod config;
+mod fault;
 mod host;
 mod key;
 mod metrics;
@@ -38,6 +39,7 @@ use std::time::Duration;
 
 pub use announce::P2pConfig;
 pub use config::{Limits, NodeConfig};
+pub use fault::FaultConfig;
 pub use key::{KeyError, NodeKey};
 pub use metrics::NodeMetrics;
 pub use node::{Node, RunningNode};

@@ -127,6 +127,12 @@ struct RunArgs {
     /// Seconds between republications of the node's records [default: 30].
     #[arg(long, value_parser = parse_seconds)]
     republish_interval: Option<u64>,
+    /// Misbehave on purpose, for tests and simulations (repeatable): delay=DURATION,
+    /// wrong-output, nan-output, wrong-shape, bad-signature, stop-answering,
+    /// advertise-load=TOKENS. Off by default.
+    #[arg(long = "fault")]
+    #[serde(default)]
+    fault: Vec<String>,
 }
 
 impl RunArgs {
@@ -153,6 +159,7 @@ impl RunArgs {
             external_addr: first_non_empty(self.external_addr, file.external_addr),
             record_ttl: self.record_ttl.or(file.record_ttl),
             republish_interval: self.republish_interval.or(file.republish_interval),
+            fault: first_non_empty(self.fault, file.fault),
         }
     }
 
@@ -193,6 +200,12 @@ impl RunArgs {
         };
         if let Some(seconds) = self.drain_timeout_secs {
             config.drain_timeout = Duration::from_secs(seconds);
+        }
+        for fault in &self.fault {
+            config
+                .faults
+                .apply(fault)
+                .map_err(|reason| anyhow::anyhow!("invalid --fault: {reason}"))?;
         }
         config.p2p = Some(p2p_config(
             self.p2p_listen,

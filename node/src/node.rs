@@ -41,10 +41,12 @@ pub struct RunningNode {
     metrics_addr: Option<SocketAddr>,
     model_id: String,
     model: Arc<HostedModel>,
+    faults: Arc<std::sync::RwLock<crate::FaultConfig>>,
     key: NodeKey,
     metrics: Arc<NodeMetrics>,
     queue: ComputeQueue,
     shutdown: watch::Sender<bool>,
+    killed: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_server: Option<JoinHandle<()>>,
     announcer: Option<Announcer>,
@@ -126,13 +128,20 @@ impl Node {
         };
 
         let info = info_response(&model, &key, &config);
+        let faults = Arc::new(std::sync::RwLock::new(config.faults.clone()));
+        if config.faults.is_active() {
+            tracing::warn!(faults = ?config.faults, "fault injection is on: this node misbehaves on purpose");
+        }
+        let (killed, killed_rx) = watch::channel(false);
         let server = Arc::new(ExpertServer {
+            killed: killed_rx,
             model: Arc::clone(&model),
             queue: queue.clone(),
             key: key.clone(),
             limits: config.limits.clone(),
             metrics: Arc::clone(&metrics),
             info,
+            faults: Arc::clone(&faults),
         });
         let service = ExpertServiceServer::new(ExpertServiceImpl(server))
             .max_decoding_message_size(config.limits.max_message_bytes)
@@ -162,7 +171,16 @@ impl Node {
                     grpc_listen: grpc_addr,
                     limits: node_limits(&config),
                 };
-                Some(Announcer::start(p2p, &key, announcement, Arc::clone(&metrics)).await?)
+                Some(
+                    Announcer::start(
+                        p2p,
+                        &key,
+                        announcement,
+                        Arc::clone(&metrics),
+                        Arc::clone(&faults),
+                    )
+                    .await?,
+                )
             }
             None => None,
         };
@@ -200,10 +218,12 @@ impl Node {
             metrics_addr,
             model_id: model.model_id.clone(),
             model: Arc::clone(&model),
+            faults,
             key,
             metrics,
             queue,
             shutdown,
+            killed,
             server,
             metrics_server,
             announcer,
@@ -295,6 +315,19 @@ impl RunningNode {
         &self.model_id
     }
 
+    /// Replaces the faults the node shows, from the next request on.
+    pub fn set_faults(&self, faults: crate::FaultConfig) {
+        if faults.is_active() {
+            tracing::warn!(
+                ?faults,
+                "fault injection is on: this node misbehaves on purpose"
+            );
+        }
+        if let Ok(mut current) = self.faults.write() {
+            *current = faults;
+        }
+    }
+
     /// The weights of a hosted expert, sharing memory with the node's copy, so that
     /// benchmarks and tests compare with local computation on the very same weights.
     pub fn hosted_expert(&self, layer: u32, expert: u32) -> Option<expertnet_model::Expert> {
@@ -329,6 +362,7 @@ impl RunningNode {
     /// Stops at once, as a crash would: connections drop, queued jobs are abandoned, and
     /// the node's records stay in the DHT until they expire.
     pub fn kill(self) {
+        let _ = self.killed.send(true);
         self.server.abort();
         if let Some(task) = self.metrics_server {
             task.abort();

@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use crate::compute::{ComputeQueue, SubmitError};
 use crate::host::HostedModel;
-use crate::{Limits, NodeKey, NodeMetrics};
+use crate::{FaultConfig, Limits, NodeKey, NodeMetrics};
 
 /// Why a `Forward` request failed. Each maps to one gRPC status in [`Status::from`], and
 /// to one `reason` label of the rejection metric.
@@ -110,9 +110,19 @@ pub(crate) struct ExpertServer {
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<NodeMetrics>,
     pub(crate) info: pb::InfoResponse,
+    pub(crate) faults: Arc<std::sync::RwLock<FaultConfig>>,
+    /// Set by [`crate::RunningNode::kill`]. Aborting the server task leaves its
+    /// connections running, so requests watch this to end as a crash would end them.
+    pub(crate) killed: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ExpertServer {
+    /// The faults in force for one request. A poisoned lock means no faults: fault
+    /// injection never takes the node down.
+    fn faults(&self) -> FaultConfig {
+        self.faults.read().map(|f| f.clone()).unwrap_or_default()
+    }
+
     /// Checks a call against the hosted model and the limits, before any computation.
     fn check(&self, call: &ForwardCall) -> Result<Vec<usize>, RequestError> {
         let model = &self.model;
@@ -182,6 +192,14 @@ impl ExpertServer {
     ) -> Result<pb::ForwardResponse, RequestError> {
         let call = ForwardCall::try_from(request)?;
         let slots = self.check(&call)?;
+        let faults = self.faults();
+        if faults.stop_answering {
+            // The caller's deadline or cancellation ends the request.
+            std::future::pending::<()>().await;
+        }
+        if !faults.delay.is_zero() {
+            tokio::time::sleep(faults.delay).await;
+        }
         tracing::Span::current().record("tokens", call.total_tokens());
 
         let compute_dtype = expertnet_model::codec::candle_dtype(self.model.compute_dtype);
@@ -215,10 +233,13 @@ impl ExpertServer {
                 .await
                 .map_err(|_| RequestError::ShuttingDown)?
                 .map_err(RequestError::Compute)?;
-            let output = expertnet_model::codec::from_candle(&rows, input.hidden.dtype())
+            let mut output = expertnet_model::codec::from_candle(&rows, input.hidden.dtype())
                 .map_err(|e| RequestError::Compute(e.to_string()))?;
+            if faults.is_active() {
+                output = faults.corrupt_output(output);
+            }
 
-            let receipt = ReceiptBody {
+            let mut receipt = ReceiptBody {
                 request_id: call.request_id,
                 model_id: call.model_id.clone(),
                 layer: call.layer,
@@ -229,6 +250,9 @@ impl ExpertServer {
                 timestamp_ms: unix_millis(),
             }
             .sign(self.key.signing_key());
+            if faults.bad_signature {
+                crate::fault::corrupt_signature(&mut receipt.signature);
+            }
             outputs.push(
                 ExpertOutput {
                     expert: input.expert,
@@ -270,7 +294,11 @@ impl ExpertService for ExpertServiceImpl {
         );
 
         let server = &self.0;
-        let result = server.run_forward(message).instrument(span.clone()).await;
+        let mut killed = server.killed.clone();
+        let result = tokio::select! {
+            result = server.run_forward(message).instrument(span.clone()) => result,
+            _ = killed.wait_for(|&killed| killed) => return Err(killed_status()),
+        };
         let elapsed = started.elapsed().as_secs_f64();
         match result {
             Ok(response) => {
@@ -289,8 +317,16 @@ impl ExpertService for ExpertServiceImpl {
         &self,
         _request: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
+        if *self.0.killed.borrow() {
+            return Err(killed_status());
+        }
         Ok(Response::new(self.0.info.clone()))
     }
+}
+
+/// What a client of a crashed node sees: the transport's code for a lost connection.
+fn killed_status() -> Status {
+    Status::unavailable("connection lost: the node was killed")
 }
 
 fn error_with_metrics(

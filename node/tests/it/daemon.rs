@@ -340,7 +340,15 @@ fn config_paths_are_relative_to_the_config_file() {
 fn bad_run_options_are_explained() {
     let dir = tempfile::tempdir().unwrap();
     common::checkpoint(dir.path(), DType::F32);
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--fault", "slow"],
+            "unknown fault \"slow\"; known faults: delay=DURATION",
+        ),
+        (
+            &["--fault", "delay"],
+            "fault delay needs a value, such as delay=200ms",
+        ),
         (
             &["--compute-dtype", "f64"],
             "invalid --compute-dtype \"f64\"",
