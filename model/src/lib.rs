@@ -20,10 +20,12 @@ pub mod checkpoint;
 pub mod codec;
 mod config;
 mod expert;
+pub mod gate;
 pub mod generate;
 mod kernels;
 pub mod layout;
 mod manifest;
+mod moe;
 pub mod rng;
 
 use std::path::PathBuf;
@@ -34,6 +36,7 @@ pub use expert::{Expert, MatmulLayout, SMALL_BATCH_MAX, max_row_relative_error};
 pub use expertnet_proto::Digest;
 pub use generate::{GeneratorOptions, generate_checkpoint};
 pub use manifest::{MANIFEST_FILE, Manifest};
+pub use moe::{LocalMoeLayer, accumulate};
 
 /// Errors of checkpoint reading, manifests and expert computation. Each names the file,
 /// tensor or expert involved.

@@ -170,6 +170,21 @@ impl NodeClient {
         timeout: Option<Duration>,
         expected_weights: impl Fn(u32, u32) -> Option<Digest>,
     ) -> Result<Vec<ExpertOutput>, ClientError> {
+        self.forward_timed(call, timeout, expected_weights)
+            .await
+            .map(|(outputs, _)| outputs)
+    }
+
+    /// As [`NodeClient::forward`], and also returns the time spent verifying the outputs.
+    ///
+    /// # Errors
+    /// As [`NodeClient::forward`].
+    pub async fn forward_timed(
+        &mut self,
+        call: &ForwardCall,
+        timeout: Option<Duration>,
+        expected_weights: impl Fn(u32, u32) -> Option<Digest>,
+    ) -> Result<(Vec<ExpertOutput>, Duration), ClientError> {
         let mut request = tonic::Request::new(call.clone().into_wire());
         if let Some(timeout) = timeout {
             request.set_timeout(timeout);
@@ -181,12 +196,13 @@ impl NodeClient {
             .map_err(|status| status_error(&self.endpoint, &status))?
             .into_inner();
 
-        verify_response(call, response.outputs, &self.key, expected_weights).map_err(|source| {
-            ClientError::Verify {
+        let started = std::time::Instant::now();
+        let outputs = verify_response(call, response.outputs, &self.key, expected_weights)
+            .map_err(|source| ClientError::Verify {
                 endpoint: self.endpoint.clone(),
                 error: source,
-            }
-        })
+            })?;
+        Ok((outputs, started.elapsed()))
     }
 }
 

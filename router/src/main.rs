@@ -12,7 +12,10 @@ use expertnet_model::codec::{to_candle, wire_from_f32, wire_to_f32};
 use expertnet_model::rng::SplitMix64;
 use expertnet_model::{Checkpoint, Manifest, ModelError, max_row_relative_error};
 use expertnet_proto::{DType, ExpertInput, ForwardCall, LayerExperts, RequestId};
-use expertnet_router::{Discovery, DiscoveryConfig, NodeClient, short_peer_id};
+use expertnet_router::{
+    Discovery, DiscoveryConfig, LocalMoeLayer, NodeClient, RemoteMoeLayer, Router, RouterConfig,
+    short_peer_id,
+};
 
 /// Prints a line to stdout. When stdout is closed early, as in `... | head`, the process
 /// exits quietly instead of panicking.
@@ -98,6 +101,59 @@ enum Command {
         #[arg(long, default_value_t = 1e-4)]
         tolerance: f32,
     },
+    /// Send random hidden states through one MoE layer computed by the network, compute the
+    /// same layer locally, and report the difference, fallbacks, failed tokens and latency.
+    Forward(ForwardArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ForwardArgs {
+    /// Checkpoint folder with config.json, the manifest and the gate weights; with the
+    /// expert weights too, the layer is also computed locally for comparison.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Peer to join the network through, repeatable: /ip4/HOST/tcp/PORT/p2p/PEER_ID.
+    #[arg(long, required = true, value_parser = parse_bootstrap)]
+    bootstrap: Vec<libp2p::Multiaddr>,
+    #[arg(long)]
+    layer: u32,
+    /// Token rows to send in all.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Token rows per layer call; latency percentiles are over calls.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Seed of the random hidden states and of the router's choices.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Milliseconds one layer call may take, lookups, retries and hedges included.
+    #[arg(long, default_value_t = 5_000)]
+    deadline: u64,
+    /// Largest accepted relative difference from the local layer, per row
+    /// (max |remote - local| / max |local|); the command fails above it.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f32,
+    /// Experts per token; the checkpoint's num_experts_per_tok by default.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Fewest experts that must answer for a token.
+    #[arg(long, default_value_t = 1)]
+    k_min: usize,
+    /// Share of expert results also computed by a second replica and compared, 0 to 1.
+    #[arg(long, default_value_t = 0.01)]
+    spot_check_rate: f64,
+    /// File to append the evidence of spot-check mismatches to, as JSON lines.
+    #[arg(long)]
+    evidence: Option<PathBuf>,
+    /// Do not send slow requests to a second replica.
+    #[arg(long)]
+    no_hedging: bool,
+    /// Seconds to wait for the bootstrap peers.
+    #[arg(long, default_value_t = 10)]
+    timeout_secs: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -162,6 +218,7 @@ fn main() -> ExitCode {
                 };
                 call(&node, &options).await
             }
+            Command::Forward(args) => forward(&args).await,
         }
     });
     match result {
@@ -600,4 +657,249 @@ fn random_request_id() -> anyhow::Result<RequestId> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random source failed: {e}"))?;
     Ok(RequestId::from_bytes(bytes))
+}
+
+/// What `expertnet forward` measured.
+#[derive(Debug, Default, serde::Serialize)]
+struct ForwardReport {
+    model_id: String,
+    layer: u32,
+    tokens: usize,
+    calls: usize,
+    /// Largest per-row relative difference from the local layer over tokens served by
+    /// their own top k; `None` without local expert weights.
+    max_rel_error: Option<f32>,
+    /// Tokens of layer calls that failed.
+    failed_tokens: usize,
+    /// Replica and expert fallbacks together.
+    fallbacks: usize,
+    replica_fallbacks: usize,
+    expert_fallbacks: usize,
+    /// Tokens served by other experts than the gate chose, left out of `max_rel_error`.
+    fallback_tokens: usize,
+    hedges: usize,
+    spot_checks: usize,
+    spot_check_mismatches: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    failures: BTreeMap<String, u64>,
+    errors: Vec<String>,
+}
+
+async fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
+    if args.tokens == 0 || args.batch == 0 {
+        bail!("--tokens and --batch must be at least 1");
+    }
+    if args.deadline == 0 {
+        bail!("--deadline must be at least 1 millisecond");
+    }
+    if args.tolerance.is_nan() || args.tolerance < 0.0 {
+        bail!(
+            "--tolerance must be a number of 0 or more, got {}",
+            args.tolerance
+        );
+    }
+    let checkpoint = Checkpoint::open(&args.checkpoint)?;
+    let manifest_path = Manifest::path_in(&args.checkpoint);
+    let manifest = Manifest::load(&manifest_path).with_context(|| {
+        format!(
+            "the checkpoint needs its manifest at {}; make it with `expertnet-node manifest --checkpoint {}`",
+            manifest_path.display(),
+            args.checkpoint.display()
+        )
+    })?;
+
+    let mut config = RouterConfig::new(DiscoveryConfig::new(args.bootstrap.clone()));
+    config.top_k = args.top_k;
+    config.k_min = args.k_min;
+    config.deadline = Duration::from_millis(args.deadline);
+    config.hedging = !args.no_hedging;
+    config.spot_check_rate = args.spot_check_rate;
+    config.evidence_file.clone_from(&args.evidence);
+    config.bootstrap_timeout = Duration::from_secs(args.timeout_secs);
+    config.seed = Some(args.seed);
+    let router = Router::connect(config).await?;
+    let remote = RemoteMoeLayer::new(&router, &checkpoint, &manifest, args.layer)?;
+
+    // The local reference needs every expert's weights; a client folder may hold only the
+    // gate.
+    let local = match LocalMoeLayer::load(&checkpoint, args.layer) {
+        Ok(local) => Some(local),
+        Err(error) => {
+            eprintln!("note: no local reference, so no error is computed: {error}");
+            None
+        }
+    };
+    if let Some(local) = &local
+        && let Some(k) = args.top_k.filter(|&k| k != local.top_k())
+    {
+        bail!(
+            "--top-k {k} differs from the checkpoint's {}, so the local layer cannot be compared; leave --top-k out",
+            local.top_k()
+        );
+    }
+
+    let hidden = checkpoint.config().hidden_size;
+    let mut rng = SplitMix64::new(args.seed);
+    let mut report = ForwardReport {
+        model_id: manifest.model_id(),
+        layer: args.layer,
+        tokens: args.tokens,
+        max_rel_error: local.as_ref().map(|_| 0.0),
+        ..ForwardReport::default()
+    };
+    let mut latencies = Vec::new();
+    let mut sent = 0;
+    while sent < args.tokens {
+        let batch = args.batch.min(args.tokens - sent);
+        sent += batch;
+        report.calls += 1;
+        let x = Tensor::from_vec(
+            rng.normal_vec(batch * hidden),
+            (batch, hidden),
+            &Device::Cpu,
+        )?;
+        let started = Instant::now();
+        let result = remote.forward(&x).await;
+        let elapsed = started.elapsed();
+        let out = match result {
+            Ok(out) => out,
+            Err(error) => {
+                report.failed_tokens += batch;
+                report.errors.push(error.to_string());
+                continue;
+            }
+        };
+        latencies.push(elapsed.as_secs_f64() * 1e3);
+        let trace = &out.trace;
+        report.replica_fallbacks += trace.replica_fallbacks;
+        report.expert_fallbacks += trace.expert_fallbacks;
+        report.hedges += trace.hedges;
+        report.spot_checks += trace.spot_checks;
+        report.spot_check_mismatches += trace.spot_check_mismatches;
+        if let Some(local) = &local {
+            let expected = local.forward(&x)?.to_vec2::<f32>()?;
+            let actual = out.output.to_vec2::<f32>()?;
+            for ((token, want), got) in trace.tokens.iter().zip(&expected).zip(&actual) {
+                if token.fell_back() {
+                    report.fallback_tokens += 1;
+                    continue;
+                }
+                let error = row_relative_error(got, want);
+                let worst = report.max_rel_error.get_or_insert(0.0);
+                *worst = if error.is_nan() {
+                    f32::NAN
+                } else {
+                    worst.max(error)
+                };
+            }
+        }
+    }
+    report.fallbacks = report.replica_fallbacks + report.expert_fallbacks;
+    report.p50_ms = percentile(&mut latencies, 0.50);
+    report.p99_ms = percentile(&mut latencies, 0.99);
+    report.failures = router
+        .stats()
+        .failure_counts()
+        .into_iter()
+        .map(|(kind, count)| (kind.to_owned(), count))
+        .collect();
+
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_forward_report(&report, remote.top_k());
+    }
+    if report.failed_tokens > 0 {
+        bail!(
+            "{} of {} tokens failed; first error: {}",
+            report.failed_tokens,
+            report.tokens,
+            report.errors.first().map_or("", String::as_str)
+        );
+    }
+    if let Some(error) = report
+        .max_rel_error
+        .filter(|e| e.is_nan() || *e > args.tolerance)
+    {
+        bail!(
+            "the network's output differs from the local layer by {error:.3e}, above --tolerance {:.1e}",
+            args.tolerance
+        );
+    }
+    Ok(())
+}
+
+fn print_forward_report(report: &ForwardReport, top_k: usize) {
+    outln!(
+        "layer {} of model {}: {} tokens in {} calls, top-{top_k}",
+        report.layer,
+        report.model_id,
+        report.tokens,
+        report.calls
+    );
+    match report.max_rel_error {
+        Some(error) => outln!(
+            "max relative error vs local layer: {error:.2e} over {} tokens served by their own top-{top_k}",
+            report.tokens - report.failed_tokens - report.fallback_tokens
+        ),
+        None => outln!("max relative error vs local layer: not computed (no expert weights here)"),
+    }
+    outln!(
+        "failed tokens: {}; fallbacks: {} to another replica, {} tokens to another expert; hedges: {}",
+        report.failed_tokens,
+        report.replica_fallbacks,
+        report.expert_fallbacks,
+        report.hedges
+    );
+    outln!(
+        "spot checks: {}, mismatches: {}",
+        report.spot_checks,
+        report.spot_check_mismatches
+    );
+    outln!(
+        "latency per layer call: p50 {:.2} ms, p99 {:.2} ms",
+        report.p50_ms,
+        report.p99_ms
+    );
+    if !report.failures.is_empty() {
+        let parts: Vec<String> = report
+            .failures
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        outln!("failed requests by reason: {}", parts.join(", "));
+    }
+    for error in &report.errors {
+        outln!("error: {error}");
+    }
+}
+
+/// `max |got - want| / max |want|` over one row; absolute when `want` is zero, NaN when
+/// either holds a non-finite value.
+fn row_relative_error(got: &[f32], want: &[f32]) -> f32 {
+    let mut difference = 0f32;
+    let mut scale = 0f32;
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() || !w.is_finite() {
+            return f32::NAN;
+        }
+        difference = difference.max((g - w).abs());
+        scale = scale.max(w.abs());
+    }
+    if scale > 0.0 {
+        difference / scale
+    } else {
+        difference
+    }
+}
+
+/// The `q` quantile of `values` by nearest rank; 0 when empty.
+fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
 }

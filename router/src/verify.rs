@@ -311,6 +311,102 @@ mod tests {
         assert_eq!(error.kind(), "weight_digest");
     }
 
+    /// Each signed field changed on an honest receipt, left with its old signature, and
+    /// again re-signed by the node: both are rejected, one by the field checks and one by
+    /// the signature.
+    #[test]
+    fn altering_any_signed_field_is_caught() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let call = call();
+        let honest = signed_output(&call, &[1.0, 2.0, 3.0], &key);
+        type Alteration = fn(&mut ReceiptBody);
+        let alterations: [(&str, Alteration); 8] = [
+            ("request_id", |b| {
+                b.request_id = RequestId::from_bytes([5; 16])
+            }),
+            ("model_id", |b| b.model_id.push('x')),
+            ("layer", |b| b.layer += 1),
+            ("expert", |b| b.expert += 1),
+            ("weight_digest", |b| {
+                b.weight_digest = Digest::from_bytes([9; 32])
+            }),
+            ("input_digest", |b| {
+                b.input_digest = Digest::from_bytes([9; 32])
+            }),
+            ("output_digest", |b| {
+                b.output_digest = Digest::from_bytes([9; 32])
+            }),
+            ("timestamp_ms", |b| b.timestamp_ms += 1),
+        ];
+        let expected = Some(Digest::from_bytes([8; 32]));
+        for (field, alter) in alterations {
+            let mut unsigned = honest.clone();
+            alter(&mut unsigned.receipt.body);
+            let result = verify_output(
+                &call,
+                &call.inputs[0],
+                &unsigned,
+                &key.verifying_key(),
+                expected,
+            );
+            assert!(
+                result.is_err(),
+                "{field} changed without signing was accepted"
+            );
+
+            // Re-signed by the node itself, the receipt is genuine but describes
+            // something else; only the timestamp is the node's own to choose.
+            let mut body = honest.receipt.body.clone();
+            alter(&mut body);
+            let resigned = ExpertOutput {
+                receipt: body.sign(&key),
+                ..honest.clone()
+            };
+            let result = verify_output(
+                &call,
+                &call.inputs[0],
+                &resigned,
+                &key.verifying_key(),
+                expected,
+            );
+            if field == "timestamp_ms" {
+                assert_eq!(result, Ok(()));
+            } else {
+                assert!(
+                    result.is_err(),
+                    "{field} changed and re-signed was accepted"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_signature_and_replayed_receipt_are_rejected() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let call = call();
+        let honest = signed_output(&call, &[1.0, 2.0, 3.0], &key);
+
+        let mut wire = honest.clone().into_wire();
+        if let Some(receipt) = wire.receipt.as_mut() {
+            receipt.signature = receipt.signature.slice(..63);
+        }
+        let error =
+            verify_response(&call, vec![wire], &key.verifying_key(), |_, _| None).unwrap_err();
+        assert_eq!(error.kind(), "malformed", "{error}");
+
+        // A genuine answer to an earlier request with the same tokens, replayed.
+        let mut later = call.clone();
+        later.request_id = RequestId::from_bytes([6; 16]);
+        let error = verify_response(
+            &later,
+            vec![honest.into_wire()],
+            &key.verifying_key(),
+            |_, _| None,
+        )
+        .unwrap_err();
+        assert_eq!(error.kind(), "receipt_mismatch", "{error}");
+    }
+
     #[test]
     fn response_with_missing_outputs_is_rejected() {
         let key = SigningKey::from_bytes(&[1; 32]);

@@ -2,24 +2,25 @@
 //!
 //! It makes (or reuses) a small checkpoint and starts five nodes in this process on
 //! 127.0.0.1: a bootstrap node hosting expert 0 of every layer, and four nodes that host
-//! every expert twice over. A client finds the experts through the DHT, sends hidden
-//! states to every expert of every layer, verifies each signed result and compares it with
-//! local computation. Halfway through, one node is killed; the client drops its replicas
-//! and uses the others.
+//! every expert twice over. A router finds the experts through the DHT and sends random
+//! hidden states through every MoE layer, four rounds over. Each layer's output is
+//! compared with the same layer computed locally. After the first round one node is
+//! killed, and the router serves around it. After the second, another node starts
+//! returning wrong outputs under valid signatures, and spot checks catch and ban it.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use expertnet_model::codec::{to_candle, wire_from_f32, wire_to_f32};
 use expertnet_model::rng::SplitMix64;
 use expertnet_model::{
-    Checkpoint, GeneratorOptions, Manifest, generate_checkpoint, max_row_relative_error,
+    Checkpoint, GeneratorOptions, LocalMoeLayer, Manifest, generate_checkpoint,
+    max_row_relative_error,
 };
-use expertnet_node::{ExpertSpec, Node, NodeConfig, NodeKey, P2pConfig, RunningNode};
-use expertnet_proto::{DType, ExpertInput, ForwardCall, RequestId};
-use expertnet_router::{Discovery, DiscoveryConfig, NodeClient, short_peer_id};
+use expertnet_node::{ExpertSpec, FaultConfig, Node, NodeConfig, NodeKey, P2pConfig, RunningNode};
+use expertnet_router::{
+    Discovery, DiscoveryConfig, RemoteMoeLayer, Router, RouterConfig, short_peer_id,
+};
 
 /// Options of the demo.
 #[derive(Debug, Clone)]
@@ -55,12 +56,26 @@ pub fn default_checkpoint_dir() -> PathBuf {
 /// Counts of the demo's run.
 #[derive(Debug, Default)]
 pub struct DemoReport {
+    /// Layer calls.
     pub calls: usize,
     pub failed_calls: usize,
-    pub retried_calls: usize,
+    /// Expert tasks sent to another replica after a failure.
+    pub replica_fallbacks: usize,
+    /// Tokens moved to a lower-ranked expert.
+    pub expert_fallbacks: usize,
+    pub spot_checks: usize,
+    pub mismatches: usize,
+    /// Nodes banned for wrong results.
+    pub dishonest_bans: usize,
+    /// Largest per-row relative difference from the local layer, over tokens served by
+    /// their own top k.
     pub max_relative_error: f32,
+    /// Per layer call.
     pub latencies: Vec<Duration>,
 }
+
+/// Rounds of layer calls, each through every MoE layer.
+const ROUNDS: usize = 4;
 
 /// Runs the demo and prints its progress to stderr.
 ///
@@ -98,19 +113,29 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         nodes.push(Some(node));
     }
 
-    let discovery = Discovery::start(DiscoveryConfig::new(vec![address]))?;
-    discovery.wait_bootstrapped(Duration::from_secs(10)).await?;
-    wait_until_covered(&discovery, &manifest.model_id(), &layers, experts).await?;
+    let mut router_config = RouterConfig::new(DiscoveryConfig::new(vec![address]));
+    router_config.seed = Some(options.seed);
+    // Every result is also computed by a second replica, so the node that starts lying
+    // below is caught on its first wrong output.
+    router_config.spot_check_rate = 1.0;
+    router_config.deadline = Duration::from_secs(10);
+    let router = Router::connect(router_config).await?;
+    let model_id = manifest.model_id();
+    wait_until_covered(router.discovery(), &model_id, &layers, experts).await?;
+    let remote: Vec<RemoteMoeLayer> = layers
+        .iter()
+        .map(|&layer| RemoteMoeLayer::new(&router, &checkpoint, &manifest, layer))
+        .collect::<Result<_, _>>()?;
+    let local: Vec<LocalMoeLayer> = layers
+        .iter()
+        .map(|&layer| LocalMoeLayer::load(&checkpoint, layer))
+        .collect::<Result<_, _>>()?;
 
     let mut report = DemoReport::default();
-    let mut clients: BTreeMap<String, NodeClient> = BTreeMap::new();
     let mut rng = SplitMix64::new(options.seed);
     let hidden = config.hidden_size;
-    let kill_after = layers.len() / 2;
-    let model_id = manifest.model_id();
-
-    for (position, &layer) in layers.iter().enumerate() {
-        if position == kill_after
+    for round in 0..ROUNDS {
+        if round == 1
             && let Some(victim) = nodes.get_mut(1).and_then(Option::take)
         {
             eprintln!(
@@ -119,101 +144,76 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
             );
             victim.kill();
         }
+        if round == 2
+            && let Some(liar) = nodes.get(3).and_then(Option::as_ref)
+        {
+            eprintln!(
+                "node 3 ({}) now returns wrong outputs under valid signatures; spot checks must catch it",
+                short_peer_id(&liar.key().peer_id())
+            );
+            liar.set_faults(FaultConfig {
+                wrong_output: true,
+                ..FaultConfig::default()
+            });
+        }
 
-        let replicas = discovery.resolve(&model_id, layer).await?;
-        for expert in 0..experts {
-            let values = rng.normal_vec(options.tokens * hidden);
-            let input = wire_from_f32(&values, &[options.tokens, hidden], DType::F32)?;
-            let call = ForwardCall {
-                request_id: random_request_id(&mut rng),
-                model_id: model_id.clone(),
-                layer,
-                inputs: vec![ExpertInput {
-                    expert,
-                    hidden: input.clone(),
-                }],
-            };
-
+        for (remote, local) in remote.iter().zip(&local) {
+            let x = Tensor::from_vec(
+                rng.normal_vec(options.tokens * hidden),
+                (options.tokens, hidden),
+                &Device::Cpu,
+            )?;
             report.calls += 1;
-            let mut served = None;
-            // Rotating the replica order by expert spreads the calls over both replicas.
-            let mut order = replicas.replicas(expert).to_vec();
-            if !order.is_empty() {
-                let shift = expert as usize % order.len();
-                order.rotate_left(shift);
-            }
-            for (attempt, replica) in order.iter().enumerate() {
-                let endpoint = replica.endpoints[0].clone();
-                let started = Instant::now();
-                let result = match clients.get_mut(&endpoint) {
-                    Some(client) => {
-                        client
-                            .forward(&call, Some(Duration::from_secs(5)), |l, e| {
-                                manifest.expert_digest(l, e)
-                            })
-                            .await
-                    }
-                    None => match NodeClient::connect(
-                        &endpoint,
-                        Some(replica.peer_id),
-                        Duration::from_secs(2),
-                    )
-                    .await
-                    {
-                        Ok(mut client) => {
-                            let result = client
-                                .forward(&call, Some(Duration::from_secs(5)), |l, e| {
-                                    manifest.expert_digest(l, e)
-                                })
-                                .await;
-                            clients.insert(endpoint.clone(), client);
-                            result
-                        }
-                        Err(error) => Err(error),
-                    },
-                };
-                match result {
-                    Ok(outputs) => {
-                        report.latencies.push(started.elapsed());
-                        if attempt > 0 {
-                            report.retried_calls += 1;
-                        }
-                        served = Some((outputs, replica.peer_id));
-                        break;
-                    }
-                    Err(error) => {
-                        eprintln!(
-                            "  layer {layer} expert {expert}: {} failed ({error}); trying another replica",
-                            short_peer_id(&replica.peer_id)
-                        );
-                        discovery.report_failure(replica.peer_id);
-                        clients.remove(&endpoint);
-                    }
+            let started = Instant::now();
+            let out = match remote.forward(&x).await {
+                Ok(out) => out,
+                Err(error) => {
+                    report.failed_calls += 1;
+                    anyhow::bail!("layer {} failed: {error}", remote.layer());
                 }
-            }
-
-            let Some((outputs, peer)) = served else {
-                report.failed_calls += 1;
-                anyhow::bail!("every replica of layer {layer} expert {expert} failed");
             };
-            let weights = checkpoint.load_expert(layer, expert, DType::F32, &Device::Cpu)?;
-            let local =
-                weights.forward(&to_candle(&input, candle_core::DType::F32, &Device::Cpu)?)?;
-            let output = &outputs[0].output;
-            let remote = Tensor::from_vec(wire_to_f32(output), output.shape(), &Device::Cpu)?;
-            let error = max_row_relative_error(&remote, &local)?;
-            if error.is_nan() || error > TOLERANCE {
-                anyhow::bail!(
-                    "layer {layer} expert {expert} from {}: relative error {error:.3e} against local computation, above {TOLERANCE:.0e}",
-                    short_peer_id(&peer)
+            report.latencies.push(started.elapsed());
+            let trace = &out.trace;
+            report.replica_fallbacks += trace.replica_fallbacks;
+            report.expert_fallbacks += trace.expert_fallbacks;
+            report.spot_checks += trace.spot_checks;
+            report.mismatches += trace.spot_check_mismatches;
+            for failure in &trace.failures {
+                eprintln!(
+                    "  layer {} expert {} on {}: {}",
+                    remote.layer(),
+                    failure.expert,
+                    short_peer_id(&failure.peer),
+                    failure.reason
                 );
             }
-            report.max_relative_error = report.max_relative_error.max(error);
+
+            let expected = local.forward(&x)?.to_vec2::<f32>()?;
+            let actual = out.output.to_vec2::<f32>()?;
+            for ((token, got), want) in trace.tokens.iter().zip(&actual).zip(&expected) {
+                if token.fell_back() {
+                    continue;
+                }
+                let got = Tensor::from_slice(got, (1, hidden), &Device::Cpu)?;
+                let want = Tensor::from_slice(want, (1, hidden), &Device::Cpu)?;
+                let error = max_row_relative_error(&got, &want)?;
+                if error.is_nan() || error > TOLERANCE {
+                    anyhow::bail!(
+                        "layer {}: relative error {error:.3e} against the local layer, above {TOLERANCE:.0e}",
+                        remote.layer()
+                    );
+                }
+                report.max_relative_error = report.max_relative_error.max(error);
+            }
         }
         eprintln!(
-            "  layer {layer}: {experts} experts served, verified and checked against local computation"
+            "  round {}: {} layers of {} tokens served, verified and checked against the local layers",
+            round + 1,
+            layers.len(),
+            options.tokens
         );
     }
+    report.dishonest_bans = router.stats().dishonest_bans() as usize;
 
     for node in nodes.into_iter().flatten() {
         node.shutdown().await?;
@@ -284,11 +284,4 @@ async fn wait_until_covered(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn random_request_id(rng: &mut SplitMix64) -> RequestId {
-    let mut bytes = [0u8; 16];
-    bytes[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
-    bytes[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
-    RequestId::from_bytes(bytes)
 }

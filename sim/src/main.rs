@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use expertnet_model::{Family, GeneratorOptions, Manifest, generate_checkpoint};
 use expertnet_proto::DType;
 use expertnet_sim::bench::{self, BenchOptions};
-use expertnet_sim::{demo, dht_bench};
+use expertnet_sim::{demo, dht_bench, layer_bench};
 
 /// Prints a line to stdout. When stdout is closed early, as in `... | head`, the process
 /// exits quietly instead of panicking.
@@ -142,6 +142,32 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// A whole MoE layer computed by nodes on loopback, through the router, against the
+    /// same layer computed in this process: tokens/s, latency, verification share.
+    Layer {
+        #[arg(long, default_value_t = 32)]
+        experts: usize,
+        #[arg(long, default_value_t = 1024)]
+        hidden: usize,
+        #[arg(long, default_value_t = 2816)]
+        ffn: usize,
+        #[arg(long, default_value_t = 2)]
+        top_k: usize,
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        /// Nodes that host each expert.
+        #[arg(long, default_value_t = 2)]
+        replicas: usize,
+        /// Batch sizes in tokens, comma-separated.
+        #[arg(long, default_value = "1,16,128", value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Print JSON instead of Markdown.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -207,6 +233,30 @@ fn main() -> ExitCode {
             joins,
             json,
         }) => bench_dht(nodes, stagger_ms, lookups, joins, json),
+        Command::Bench(Bench::Layer {
+            experts,
+            hidden,
+            ffn,
+            top_k,
+            nodes,
+            replicas,
+            batches,
+            seconds,
+            json,
+        }) => bench_layer(
+            layer_bench::LayerBenchOptions {
+                experts,
+                hidden,
+                ffn,
+                top_k,
+                nodes,
+                replicas,
+                batches,
+                seconds,
+                ..layer_bench::LayerBenchOptions::default()
+            },
+            json,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -240,17 +290,24 @@ fn demo(checkpoint: Option<PathBuf>, tokens: usize, seed: u64) -> anyhow::Result
             .map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
     outln!(
-        "{} expert calls of {tokens} tokens: {} served by a second replica after a failure, {} failed",
+        "{} layer calls of {tokens} tokens: {} expert tasks served by another replica after a failure, {} tokens moved to another expert, {} failed",
         report.calls,
-        report.retried_calls,
+        report.replica_fallbacks,
+        report.expert_fallbacks,
         report.failed_calls
     );
     outln!(
-        "every receipt verified; max relative error against local computation {:.2e}",
+        "every receipt verified; {} spot checks, {} mismatches, nodes banned for wrong results: {}",
+        report.spot_checks,
+        report.mismatches,
+        report.dishonest_bans
+    );
+    outln!(
+        "max relative error against the local layers {:.2e}",
         report.max_relative_error
     );
     outln!(
-        "latency p50 {:.2} ms, p99 {:.2} ms",
+        "latency per layer call p50 {:.2} ms, p99 {:.2} ms",
         percentile(0.5),
         percentile(0.99)
     );
@@ -295,16 +352,9 @@ fn bench_dht(
         lookups,
         joins,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let rows = runtime.block_on(dht_bench::run(&options))?;
-    if json {
-        outln!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        outln!("{}", dht_bench::to_markdown(&rows).trim_end());
-    }
-    Ok(())
+    run_and_print(json, dht_bench::run(&options), |rows| {
+        dht_bench::to_markdown(rows)
+    })
 }
 
 fn bench_node(
@@ -337,14 +387,44 @@ fn bench_node(
         ..BenchOptions::default()
     };
 
+    run_and_print(json, bench::run(&options), bench::BenchReport::to_markdown)
+}
+
+fn bench_layer(options: layer_bench::LayerBenchOptions, json: bool) -> anyhow::Result<()> {
+    let valid = (1..=256).contains(&options.experts)
+        && (1..=8192).contains(&options.hidden)
+        && (1..=32768).contains(&options.ffn)
+        && (1..=options.experts).contains(&options.top_k)
+        && (1..=16).contains(&options.nodes)
+        && options.batches.iter().all(|&b| (1..=4096).contains(&b))
+        && options.seconds > 0.0
+        && options.seconds <= 600.0;
+    if !valid {
+        anyhow::bail!(
+            "bench layer takes 1-256 experts, hidden 1-8192, ffn 1-32768, top-k up to the experts, 1-16 nodes, batches of 1-4096 tokens and up to 600 seconds per measurement"
+        );
+    }
+    run_and_print(
+        json,
+        layer_bench::run(&options),
+        layer_bench::LayerReport::to_markdown,
+    )
+}
+
+/// Runs a benchmark on a new runtime and prints its report as JSON or Markdown.
+fn run_and_print<R: serde::Serialize>(
+    json: bool,
+    bench: impl Future<Output = anyhow::Result<R>>,
+    markdown: impl FnOnce(&R) -> String,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(bench::run(&options))?;
+    let report = runtime.block_on(bench)?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        outln!("{}", report.to_markdown().trim_end());
+        outln!("{}", markdown(&report).trim_end());
     }
     Ok(())
 }

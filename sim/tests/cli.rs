@@ -109,11 +109,15 @@ fn demo_runs_end_to_end() {
         let stderr = String::from_utf8(output.stderr).unwrap();
         assert!(output.status.success(), "{run}: {stderr}");
         assert!(
-            stdout.contains("32 expert calls of 4 tokens"),
+            stdout.contains("16 layer calls of 4 tokens"),
             "{run}: {stdout}"
         );
         assert!(stdout.contains(", 0 failed"), "{run}: {stdout}");
         assert!(stdout.contains("every receipt verified"), "{run}: {stdout}");
+        assert!(
+            stdout.contains("nodes banned for wrong results: 1"),
+            "{run}: {stdout}"
+        );
         assert!(stderr.contains("killing node 1"), "{run}: {stderr}");
     }
 }

@@ -4,3 +4,4 @@
 
 mod cli;
 mod client;
+mod layer;

@@ -1,7 +1,7 @@
 //! The gate of an MoE layer: which experts each token goes to, and with what weight.
 
+use crate::{Family, ModelConfig};
 use candle_core::Tensor;
-use expertnet_model::{Family, ModelConfig};
 
 /// How a family turns gate logits into expert weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,27 @@ impl GateRule {
             GateRule::Softmax => logits.iter().map(|&l| (l - max).exp()).sum::<f32>(),
         };
         chosen_exp.iter().map(|&e| e / denominator).collect()
+    }
+
+    /// The weights of the experts that `served` a token whose gate picked its `top_k`
+    /// best. When some of the top k could not be used, the served set is weighed as the
+    /// rule weighs a chosen set, then scaled so the served weights sum to what the top k's
+    /// would have: 1 under [`GateRule::Normalized`], the top k's probability mass under
+    /// [`GateRule::Softmax`].
+    pub fn served_weights(self, gate: &TokenGate, top_k: usize, served: &[u32]) -> Vec<f32> {
+        let weights = self.weights(&gate.logits, served);
+        let top = gate.top_k(top_k);
+        let same_set = served.len() == top.len() && served.iter().all(|e| top.contains(e));
+        if self == GateRule::Normalized || same_set {
+            return weights;
+        }
+        let target: f32 = self.weights(&gate.logits, top).iter().sum();
+        let sum: f32 = weights.iter().sum();
+        if sum > 0.0 {
+            weights.iter().map(|w| w * target / sum).collect()
+        } else {
+            weights
+        }
     }
 }
 
@@ -112,6 +133,27 @@ mod tests {
         let logits = [0.0, 0.0, 0.0, 0.0];
         let weights = GateRule::Softmax.weights(&logits, &[0, 3]);
         assert_eq!(weights, vec![0.25, 0.25]);
+    }
+
+    #[test]
+    fn replacement_keeps_the_top_k_mass() {
+        let gate = TokenGate::from_logits(vec![2.0, 1.0, 0.5, 0.0]);
+        let top: f32 = GateRule::Softmax
+            .weights(&gate.logits, &[0, 1])
+            .iter()
+            .sum();
+        let served = GateRule::Softmax.served_weights(&gate, 2, &[0, 2]);
+        assert!(
+            (served.iter().sum::<f32>() - top).abs() < 1e-6,
+            "{served:?}"
+        );
+        assert!(
+            served[0] > served[1],
+            "the better expert keeps the larger weight"
+        );
+
+        let served = GateRule::Normalized.served_weights(&gate, 2, &[2]);
+        assert_eq!(served, vec![1.0]);
     }
 
     #[test]
