@@ -19,6 +19,7 @@
 pub mod checkpoint;
 pub mod codec;
 mod config;
+pub mod dense;
 mod expert;
 pub mod gate;
 pub mod generate;
@@ -27,11 +28,13 @@ pub mod layout;
 mod manifest;
 mod moe;
 pub mod rng;
+pub mod tokenizer;
 
 use std::path::PathBuf;
 
 pub use checkpoint::{Checkpoint, TensorRef};
 pub use config::{Family, ModelConfig};
+pub use dense::{DenseModel, KvCache};
 pub use expert::{Expert, MatmulLayout, SMALL_BATCH_MAX, max_row_relative_error};
 pub use expertnet_proto::Digest;
 pub use generate::{GeneratorOptions, generate_checkpoint};
@@ -114,4 +117,6 @@ pub enum ModelError {
     Codec { reason: String },
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Unsupported(String),
 }

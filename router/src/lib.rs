@@ -49,6 +49,7 @@
 
 mod client;
 pub mod discovery;
+pub mod generate;
 mod identity;
 mod layer;
 pub mod policy;
@@ -59,6 +60,7 @@ pub use client::{ClientError, MAX_RESPONSE_BYTES, NodeClient};
 pub use discovery::{Discovery, DiscoveryConfig, DiscoveryError, LayerReplicas, Replica};
 pub use expertnet_model::LocalMoeLayer;
 pub use expertnet_model::gate;
+pub use generate::{GenerateError, GenerateOptions, Generation, MoeModel, generate};
 pub use identity::{short_peer_id, verifying_key_of};
 pub use layer::{ExpertUse, LayerError, LayerOutput, RemoteMoeLayer, RoutingTrace, TokenTrace};
 pub use router::{Router, RouterConfig, RouterError, RouterStats};

@@ -12,9 +12,10 @@ use expertnet_model::codec::{to_candle, wire_from_f32, wire_to_f32};
 use expertnet_model::rng::SplitMix64;
 use expertnet_model::{Checkpoint, Manifest, ModelError, max_row_relative_error};
 use expertnet_proto::{DType, ExpertInput, ForwardCall, LayerExperts, RequestId};
+use expertnet_router::generate::check_against_reference;
 use expertnet_router::{
-    Discovery, DiscoveryConfig, LocalMoeLayer, NodeClient, RemoteMoeLayer, Router, RouterConfig,
-    short_peer_id,
+    Discovery, DiscoveryConfig, GenerateOptions, LocalMoeLayer, MoeModel, NodeClient,
+    RemoteMoeLayer, Router, RouterConfig, short_peer_id,
 };
 
 /// Prints a line to stdout. When stdout is closed early, as in `... | head`, the process
@@ -104,6 +105,50 @@ enum Command {
     /// Send random hidden states through one MoE layer computed by the network, compute the
     /// same layer locally, and report the difference, fallbacks, failed tokens and latency.
     Forward(ForwardArgs),
+    /// Generate text: the dense model runs here, every MoE layer on the network. Tokens
+    /// stream as they are produced, then a summary follows.
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct GenerateArgs {
+    /// Checkpoint folder with config.json, the manifest and the dense weights (embeddings,
+    /// attention, norms, gates, LM head); expert weights are needed only for --verify-local.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Peer to join the network through, repeatable: /ip4/HOST/tcp/PORT/p2p/PEER_ID.
+    #[arg(long, required = true, value_parser = parse_bootstrap)]
+    bootstrap: Vec<libp2p::Multiaddr>,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// 0 picks the most likely token at every step.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seed of sampling and of the router's choices.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also run the model with local experts on the same tokens and fail unless the logits
+    /// agree within --tolerance at every position.
+    #[arg(long)]
+    verify_local: bool,
+    /// Largest relative logit difference from the local reference, per position
+    /// (max |network - local| / max |local|).
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f32,
+    /// Milliseconds one layer call may take, lookups, retries and hedges included.
+    #[arg(long, default_value_t = 5_000)]
+    deadline: u64,
+    /// Share of expert results also computed by a second replica and compared, 0 to 1.
+    #[arg(long, default_value_t = 0.01)]
+    spot_check_rate: f64,
+    /// Seconds to wait for the bootstrap peers.
+    #[arg(long, default_value_t = 10)]
+    timeout_secs: u64,
+    /// Print the summary as JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -219,6 +264,7 @@ fn main() -> ExitCode {
                 call(&node, &options).await
             }
             Command::Forward(args) => forward(&args).await,
+            Command::Generate(args) => generate_text(&args).await,
         }
     });
     match result {
@@ -699,15 +745,7 @@ async fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
             args.tolerance
         );
     }
-    let checkpoint = Checkpoint::open(&args.checkpoint)?;
-    let manifest_path = Manifest::path_in(&args.checkpoint);
-    let manifest = Manifest::load(&manifest_path).with_context(|| {
-        format!(
-            "the checkpoint needs its manifest at {}; make it with `expertnet-node manifest --checkpoint {}`",
-            manifest_path.display(),
-            args.checkpoint.display()
-        )
-    })?;
+    let (checkpoint, manifest) = open_with_manifest(&args.checkpoint)?;
 
     let mut config = RouterConfig::new(DiscoveryConfig::new(args.bootstrap.clone()));
     config.top_k = args.top_k;
@@ -902,4 +940,156 @@ fn percentile(values: &mut [f64], q: f64) -> f64 {
     values.sort_by(f64::total_cmp);
     let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
     values[rank - 1]
+}
+
+async fn generate_text(args: &GenerateArgs) -> anyhow::Result<()> {
+    if args.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        bail!("--temperature must be 0 or more, got {}", args.temperature);
+    }
+    if args.deadline == 0 {
+        bail!("--deadline must be at least 1 millisecond");
+    }
+    let (checkpoint, manifest) = open_with_manifest(&args.checkpoint)?;
+    let prompt = expertnet_model::tokenizer::encode_bytes(&args.prompt);
+    if prompt.is_empty() {
+        bail!("--prompt is empty; give some text");
+    }
+
+    // Read every weight the run needs before joining the network, so that a damaged
+    // checkpoint fails at once with the tensor's name.
+    let dense = expertnet_model::DenseModel::load(&checkpoint)?;
+    let reference = if args.verify_local {
+        Some(MoeModel::local(&checkpoint)?)
+    } else {
+        None
+    };
+    let mut config = RouterConfig::new(DiscoveryConfig::new(args.bootstrap.clone()));
+    config.deadline = Duration::from_millis(args.deadline);
+    config.spot_check_rate = args.spot_check_rate;
+    config.bootstrap_timeout = Duration::from_secs(args.timeout_secs);
+    config.seed = Some(args.seed);
+    let router = Router::connect(config).await?;
+    let model = MoeModel::remote_with(dense, &router, &checkpoint, &manifest)?;
+
+    let options = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+    };
+    let stream = !args.json;
+    if stream {
+        print_flush(&args.prompt);
+    }
+    let generation = expertnet_router::generate(&model, &prompt, &options, |token| {
+        if stream {
+            print_flush(&expertnet_model::tokenizer::decode_bytes(&[token]));
+        }
+    })
+    .await?;
+    if stream {
+        outln!();
+    }
+
+    let check = match &reference {
+        Some(reference) => {
+            Some(check_against_reference(reference, &generation, args.tolerance).await?)
+        }
+        None => None,
+    };
+    let mut served: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut fallbacks, mut hedges) = (0, 0);
+    for trace in &generation.traces {
+        fallbacks += trace.replica_fallbacks + trace.expert_fallbacks;
+        hedges += trace.hedges;
+        for token in &trace.tokens {
+            for used in &token.served {
+                *served.entry(short_peer_id(&used.peer)).or_default() += 1;
+            }
+        }
+    }
+    let seconds = generation.elapsed.as_secs_f64();
+    let summary = serde_json::json!({
+        "text": expertnet_model::tokenizer::decode_bytes(&generation.tokens),
+        "tokens": generation.tokens,
+        "new_tokens": generation.tokens.len(),
+        "tokens_per_s": generation.tokens.len() as f64 / seconds.max(1e-9),
+        "elapsed_s": seconds,
+        "moe_s": generation.moe.as_secs_f64(),
+        "fallbacks": fallbacks,
+        "hedges": hedges,
+        "failures": router.stats().failure_counts(),
+        "expert_calls_by_node": served,
+        "max_rel_error": check.as_ref().map(|c| c.max_rel_error),
+        "choice_mismatches": check.as_ref().map(|c| c.choice_mismatches.clone()),
+    });
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        outln!(
+            "{} tokens in {:.2} s ({:.1} tokens/s), {:.2} s in remote MoE layers; fallbacks {fallbacks}, hedges {hedges}",
+            generation.tokens.len(),
+            seconds,
+            generation.tokens.len() as f64 / seconds.max(1e-9),
+            generation.moe.as_secs_f64()
+        );
+        let failures = router.stats().failure_counts();
+        if !failures.is_empty() {
+            let parts: Vec<String> = failures.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            outln!("failed requests by reason: {}", parts.join(", "));
+        }
+        let parts: Vec<String> = served
+            .iter()
+            .map(|(peer, n)| format!("{peer} {n}"))
+            .collect();
+        outln!("expert calls by node: {}", parts.join(", "));
+        if let Some(check) = &check {
+            outln!(
+                "local reference: max relative logit error {:.2e} over {} positions, {} greedy choices differ",
+                check.max_rel_error,
+                check.positions,
+                check.choice_mismatches.len()
+            );
+        }
+    }
+    if let Some(check) = check
+        && !check.passed(args.tolerance)
+    {
+        bail!(
+            "the network's logits differ from the local reference: max relative error {:.3e} (tolerance {:.1e}), greedy choices differ at positions {:?}",
+            check.max_rel_error,
+            args.tolerance,
+            check.choice_mismatches
+        );
+    }
+    Ok(())
+}
+
+/// Prints text to stdout at once, without a newline.
+fn print_flush(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        std::process::exit(0);
+    }
+}
+
+/// Opens a checkpoint folder and the manifest beside it.
+fn open_with_manifest(dir: &std::path::Path) -> anyhow::Result<(Checkpoint, Manifest)> {
+    let checkpoint = Checkpoint::open(dir)?;
+    let manifest_path = Manifest::path_in(dir);
+    let manifest = Manifest::load(&manifest_path).with_context(|| {
+        format!(
+            "the checkpoint needs its manifest at {}; make it with `expertnet-node manifest --checkpoint {}`",
+            manifest_path.display(),
+            dir.display()
+        )
+    })?;
+    Ok((checkpoint, manifest))
 }

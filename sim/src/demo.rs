@@ -2,11 +2,12 @@
 //!
 //! It makes (or reuses) a small checkpoint and starts five nodes in this process on
 //! 127.0.0.1: a bootstrap node hosting expert 0 of every layer, and four nodes that host
-//! every expert twice over. A router finds the experts through the DHT and sends random
-//! hidden states through every MoE layer, four rounds over. Each layer's output is
-//! compared with the same layer computed locally. After the first round one node is
-//! killed, and the router serves around it. After the second, another node starts
-//! returning wrong outputs under valid signatures, and spot checks catch and ban it.
+//! every expert twice over. A router finds the experts through the DHT. The client
+//! generates text with the dense model here and every MoE layer on the network. Halfway
+//! through, one node is killed, and the text must still match the model computed
+//! locally. Then another node starts returning wrong outputs under valid signatures
+//! while random hidden states go through every MoE layer, and spot checks catch and ban
+//! it. Each layer's output is compared with the same layer computed locally.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,8 +19,10 @@ use expertnet_model::{
     max_row_relative_error,
 };
 use expertnet_node::{ExpertSpec, FaultConfig, Node, NodeConfig, NodeKey, P2pConfig, RunningNode};
+use expertnet_router::generate::check_against_reference;
 use expertnet_router::{
-    Discovery, DiscoveryConfig, RemoteMoeLayer, Router, RouterConfig, short_peer_id,
+    Discovery, DiscoveryConfig, GenerateOptions, MoeModel, RemoteMoeLayer, Router, RouterConfig,
+    generate, short_peer_id,
 };
 
 /// Options of the demo.
@@ -72,10 +75,23 @@ pub struct DemoReport {
     pub max_relative_error: f32,
     /// Per layer call.
     pub latencies: Vec<Duration>,
+    /// The generated text, decoded byte by byte.
+    pub text: String,
+    pub new_tokens: usize,
+    pub generation_seconds: f64,
+    /// Largest relative logit difference from the local reference over the generated
+    /// positions.
+    pub reference_error: f32,
 }
 
-/// Rounds of layer calls, each through every MoE layer.
-const ROUNDS: usize = 4;
+/// The prompt of the generation part.
+const PROMPT: &str = "Mixture of experts";
+
+/// Tokens generated after the prompt.
+const NEW_TOKENS: usize = 32;
+
+/// Rounds of layer calls, each through every MoE layer, after the generation.
+const ROUNDS: usize = 2;
 
 /// Runs the demo and prints its progress to stderr.
 ///
@@ -132,19 +148,59 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         .collect::<Result<_, _>>()?;
 
     let mut report = DemoReport::default();
+
+    // Text generation: the dense model here, every MoE layer through the router. Node 1
+    // is killed halfway; the text must finish without a failed token and match the model
+    // computed locally.
+    let model = MoeModel::remote(&router, &checkpoint, &manifest)?;
+    let reference = MoeModel::local(&checkpoint)?;
+    let prompt = expertnet_model::tokenizer::encode_bytes(PROMPT);
+    let settings = GenerateOptions {
+        max_new_tokens: NEW_TOKENS,
+        temperature: 0.0,
+        seed: options.seed,
+    };
+    eprintln!("generating {NEW_TOKENS} tokens after the prompt {PROMPT:?}; node 1 dies halfway");
+    let mut victim = nodes.get_mut(1).and_then(Option::take);
+    let mut produced = 0;
+    let generation = generate(&model, &prompt, &settings, |_| {
+        produced += 1;
+        eprint!(".");
+        if produced == NEW_TOKENS / 2
+            && let Some(node) = victim.take()
+        {
+            eprintln!(
+                "\nkilling node 1 ({}) without warning; its replicas must be replaced",
+                short_peer_id(&node.key().peer_id())
+            );
+            node.kill();
+        }
+    })
+    .await?;
+    eprintln!();
+    let check = check_against_reference(&reference, &generation, TOLERANCE).await?;
+    if !check.passed(TOLERANCE) {
+        anyhow::bail!(
+            "generated logits differ from the local reference by {:.3e} (tolerance {TOLERANCE:.0e}); greedy choices differ at {:?}",
+            check.max_rel_error,
+            check.choice_mismatches
+        );
+    }
+    for trace in &generation.traces {
+        report.replica_fallbacks += trace.replica_fallbacks;
+        report.expert_fallbacks += trace.expert_fallbacks;
+        report.spot_checks += trace.spot_checks;
+        report.mismatches += trace.spot_check_mismatches;
+    }
+    report.text = expertnet_model::tokenizer::decode_bytes(&generation.tokens);
+    report.new_tokens = generation.tokens.len();
+    report.generation_seconds = generation.elapsed.as_secs_f64();
+    report.reference_error = check.max_rel_error;
+
     let mut rng = SplitMix64::new(options.seed);
     let hidden = config.hidden_size;
     for round in 0..ROUNDS {
-        if round == 1
-            && let Some(victim) = nodes.get_mut(1).and_then(Option::take)
-        {
-            eprintln!(
-                "killing node 1 ({}) without warning; its replicas must be replaced",
-                short_peer_id(&victim.key().peer_id())
-            );
-            victim.kill();
-        }
-        if round == 2
+        if round == 0
             && let Some(liar) = nodes.get(3).and_then(Option::as_ref)
         {
             eprintln!(

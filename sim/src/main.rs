@@ -290,6 +290,17 @@ fn demo(checkpoint: Option<PathBuf>, tokens: usize, seed: u64) -> anyhow::Result
             .map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
     outln!(
+        "generated (random weights, so the text is noise; it must equal the local model's): {:?}",
+        report.text
+    );
+    outln!(
+        "{} tokens in {:.2} s ({:.1} tokens/s); max relative logit error against the local model {:.2e}",
+        report.new_tokens,
+        report.generation_seconds,
+        report.new_tokens as f64 / report.generation_seconds.max(1e-9),
+        report.reference_error
+    );
+    outln!(
         "{} layer calls of {tokens} tokens: {} expert tasks served by another replica after a failure, {} tokens moved to another expert, {} failed",
         report.calls,
         report.replica_fallbacks,

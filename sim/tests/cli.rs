@@ -109,7 +109,7 @@ fn demo_runs_end_to_end() {
         let stderr = String::from_utf8(output.stderr).unwrap();
         assert!(output.status.success(), "{run}: {stderr}");
         assert!(
-            stdout.contains("16 layer calls of 4 tokens"),
+            stdout.contains("8 layer calls of 4 tokens"),
             "{run}: {stdout}"
         );
         assert!(stdout.contains(", 0 failed"), "{run}: {stdout}");
@@ -119,5 +119,6 @@ fn demo_runs_end_to_end() {
             "{run}: {stdout}"
         );
         assert!(stderr.contains("killing node 1"), "{run}: {stderr}");
+        assert!(stdout.contains("32 tokens in"), "{run}: {stdout}");
     }
 }

@@ -4,4 +4,5 @@
 
 mod cli;
 mod client;
+mod generate;
 mod layer;
