@@ -1,7 +1,7 @@
 //! Simulations and benchmarks of expertnet networks on one machine.
 //!
 //! The `expertnet-sim` binary runs a small network end to end (`demo`), generates
-//! checkpoints (`make-checkpoint`) and measures nodes, discovery and whole layers (`bench node`, `bench dht`, `bench layer`).
+//! checkpoints (`make-checkpoint`) and measures nodes, discovery and whole layers (`bench node`, `bench dht`, `bench layer`, `bench generate`).
 //! The checkpoint generator itself lives in `expertnet-model` so that every crate's tests
 //! can use it.
 
@@ -10,4 +10,5 @@
 pub mod bench;
 pub mod demo;
 pub mod dht_bench;
+pub mod generate_bench;
 pub mod layer_bench;

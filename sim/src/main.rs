@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use expertnet_model::{Family, GeneratorOptions, Manifest, generate_checkpoint};
 use expertnet_proto::DType;
 use expertnet_sim::bench::{self, BenchOptions};
-use expertnet_sim::{demo, dht_bench, layer_bench};
+use expertnet_sim::{demo, dht_bench, generate_bench, layer_bench};
 
 /// Prints a line to stdout. When stdout is closed early, as in `... | head`, the process
 /// exits quietly instead of panicking.
@@ -168,6 +168,24 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// Greedy text generation with every MoE layer on nodes on loopback, against the same
+    /// model with local experts.
+    Generate {
+        /// Model sizes as LAYERSxEXPERTSxHIDDENxFFN, comma-separated.
+        #[arg(
+            long,
+            default_value = "4x8x128x352,8x8x1024x2816",
+            value_delimiter = ','
+        )]
+        sizes: Vec<String>,
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        /// Print JSON instead of Markdown.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -233,6 +251,12 @@ fn main() -> ExitCode {
             joins,
             json,
         }) => bench_dht(nodes, stagger_ms, lookups, joins, json),
+        Command::Bench(Bench::Generate {
+            sizes,
+            nodes,
+            new_tokens,
+            json,
+        }) => bench_generate(&sizes, nodes, new_tokens, json),
         Command::Bench(Bench::Layer {
             experts,
             hidden,
@@ -438,4 +462,44 @@ fn run_and_print<R: serde::Serialize>(
         outln!("{}", markdown(&report).trim_end());
     }
     Ok(())
+}
+
+fn bench_generate(
+    sizes: &[String],
+    nodes: usize,
+    new_tokens: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let parsed = sizes
+        .iter()
+        .map(|text| {
+            let parts: Vec<usize> = text
+                .split('x')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .map_err(|_| anyhow::anyhow!("invalid size {text:?}; write LAYERSxEXPERTSxHIDDENxFFN, such as 8x8x1024x2816"))?;
+            match parts[..] {
+                [layers, experts, hidden, ffn]
+                    if (1..=64).contains(&layers)
+                        && (2..=256).contains(&experts)
+                        && (8..=8192).contains(&hidden)
+                        && hidden.is_multiple_of(8)
+                        && (1..=32768).contains(&ffn) =>
+                {
+                    Ok(generate_bench::ModelSize { layers, experts, hidden, ffn })
+                }
+                _ => anyhow::bail!(
+                    "invalid size {text:?}; write LAYERSxEXPERTSxHIDDENxFFN with 1-64 layers, 2-256 experts, a hidden size of 8-8192 divisible by 8 and ffn 1-32768"
+                ),
+            }
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if !(2..=16).contains(&nodes) || !(1..=1024).contains(&new_tokens) {
+        anyhow::bail!("--nodes must be 2-16 and --new-tokens 1-1024");
+    }
+    run_and_print(
+        json,
+        generate_bench::run(&parsed, nodes, new_tokens),
+        |rows| generate_bench::to_markdown(rows),
+    )
 }
