@@ -141,6 +141,9 @@ fn write_checkpoint(
         &dir.join(crate::checkpoint::CONFIG_FILE),
         &config_json(options),
     )?;
+    if options.vocab >= 256 {
+        crate::tokenizer::write_byte_tokenizer(dir)?;
+    }
 
     let checkpoint = Checkpoint::open(dir)?;
     let manifest = Manifest::create(&checkpoint)?;

@@ -119,4 +119,6 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
     #[error("{0}")]
     Unsupported(String),
+    #[error("invalid tokenizer {path}: {reason}; remove it to use one token per byte")]
+    Tokenizer { path: PathBuf, reason: String },
 }

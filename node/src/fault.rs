@@ -95,6 +95,36 @@ impl FaultConfig {
     }
 }
 
+/// Writes the faults as `--fault` takes them, such as `delay=200ms,wrong-output`.
+impl std::fmt::Display for FaultConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if !self.delay.is_zero() {
+            parts.push(format!("delay={}ms", self.delay.as_millis()));
+        }
+        let flags = [
+            (self.wrong_output, "wrong-output"),
+            (self.nan_output, "nan-output"),
+            (self.wrong_shape, "wrong-shape"),
+            (self.bad_signature, "bad-signature"),
+            (self.stop_answering, "stop-answering"),
+        ];
+        parts.extend(
+            flags
+                .iter()
+                .filter(|(set, _)| *set)
+                .map(|(_, name)| (*name).to_owned()),
+        );
+        if let Some(load) = self.advertised_load {
+            parts.push(format!("advertise-load={load}"));
+        }
+        if parts.is_empty() {
+            return f.write_str("none");
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+
 impl FromStr for FaultConfig {
     type Err = String;
 
@@ -220,5 +250,16 @@ mod tests {
         }
         .corrupt_output(tensor);
         assert_eq!(short.shape(), &[1, 2]);
+    }
+
+    #[test]
+    fn display_round_trips() {
+        let faults: FaultConfig = "delay=250ms,wrong-output,advertise-load=7".parse().unwrap();
+        assert_eq!(
+            faults.to_string(),
+            "delay=250ms,wrong-output,advertise-load=7"
+        );
+        assert_eq!(faults.to_string().parse::<FaultConfig>().unwrap(), faults);
+        assert_eq!(FaultConfig::default().to_string(), "none");
     }
 }

@@ -130,7 +130,7 @@ impl Node {
         let info = info_response(&model, &key, &config);
         let faults = Arc::new(std::sync::RwLock::new(config.faults.clone()));
         if config.faults.is_active() {
-            tracing::warn!(faults = ?config.faults, "fault injection is on: this node misbehaves on purpose");
+            tracing::warn!(faults = %config.faults, "fault injection is on: this node misbehaves on purpose");
         }
         let (killed, killed_rx) = watch::channel(false);
         let server = Arc::new(ExpertServer {
@@ -319,7 +319,7 @@ impl RunningNode {
     pub fn set_faults(&self, faults: crate::FaultConfig) {
         if faults.is_active() {
             tracing::warn!(
-                ?faults,
+                %faults,
                 "fault injection is on: this node misbehaves on purpose"
             );
         }

@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use expertnet_model::codec::{to_candle, wire_from_f32, wire_to_f32};
 use expertnet_model::rng::SplitMix64;
+use expertnet_model::tokenizer::TextTokenizer;
 use expertnet_model::{Checkpoint, Manifest, ModelError, max_row_relative_error};
 use expertnet_proto::{DType, ExpertInput, ForwardCall, LayerExperts, RequestId};
 use expertnet_router::generate::check_against_reference;
@@ -280,10 +281,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Parses a bootstrap multiaddr, with the expected form in the error.
 fn parse_bootstrap(text: &str) -> Result<libp2p::Multiaddr, String> {
+    const FORM: &str = "write /ip4/HOST/tcp/PORT/p2p/PEER_ID (a node logs its own as \"bootstrap address of this node\")";
     text.parse().map_err(|_| {
-        format!(
-            "{text:?} is not a multiaddr; write /ip4/HOST/tcp/PORT/p2p/PEER_ID (a node logs its own as \"bootstrap address of this node\")"
-        )
+        // A well-formed address with a bad peer id deserves its own message.
+        match text.split_once("/p2p/") {
+            Some((address, peer)) if address.parse::<libp2p::Multiaddr>().is_ok() => format!(
+                "{peer:?} in {text:?} is not a valid peer id; copy it from the node's log or from `expertnet-node id --key FILE`"
+            ),
+            _ => format!("{text:?} is not a multiaddr; {FORM}"),
+        }
     })
 }
 
@@ -733,8 +739,17 @@ struct ForwardReport {
 }
 
 async fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
-    if args.tokens == 0 || args.batch == 0 {
-        bail!("--tokens and --batch must be at least 1");
+    if args.tokens == 0 {
+        bail!("--tokens is 0; it must be at least 1");
+    }
+    if args.batch == 0 {
+        bail!("--batch is 0; it must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&args.spot_check_rate) {
+        bail!(
+            "--spot-check-rate is {}; give a share from 0 to 1, such as 0.01",
+            args.spot_check_rate
+        );
     }
     if args.deadline == 0 {
         bail!("--deadline must be at least 1 millisecond");
@@ -946,6 +961,12 @@ async fn generate_text(args: &GenerateArgs) -> anyhow::Result<()> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
+    if !(0.0..=1.0).contains(&args.spot_check_rate) {
+        bail!(
+            "--spot-check-rate is {}; give a share from 0 to 1, such as 0.01",
+            args.spot_check_rate
+        );
+    }
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!("--temperature must be 0 or more, got {}", args.temperature);
     }
@@ -953,9 +974,13 @@ async fn generate_text(args: &GenerateArgs) -> anyhow::Result<()> {
         bail!("--deadline must be at least 1 millisecond");
     }
     let (checkpoint, manifest) = open_with_manifest(&args.checkpoint)?;
-    let prompt = expertnet_model::tokenizer::encode_bytes(&args.prompt);
+    let tokenizer = TextTokenizer::load(&args.checkpoint)?;
+    let prompt = tokenizer.encode(&args.prompt)?;
     if prompt.is_empty() {
-        bail!("--prompt is empty; give some text");
+        bail!(
+            "--prompt {:?} encodes to no tokens; give some text",
+            args.prompt
+        );
     }
 
     // Read every weight the run needs before joining the network, so that a damaged
@@ -983,9 +1008,19 @@ async fn generate_text(args: &GenerateArgs) -> anyhow::Result<()> {
     if stream {
         print_flush(&args.prompt);
     }
+    // Decoding the whole output each time keeps multi-byte characters and word pieces
+    // intact; only the new suffix is printed.
+    let mut produced: Vec<u32> = Vec::new();
+    let mut printed = 0;
     let generation = expertnet_router::generate(&model, &prompt, &options, |token| {
+        produced.push(token);
         if stream {
-            print_flush(&expertnet_model::tokenizer::decode_bytes(&[token]));
+            let text = tokenizer.decode(&produced);
+            if text.len() > printed && text.is_char_boundary(printed) && !text.ends_with('\u{fffd}')
+            {
+                print_flush(&text[printed..]);
+                printed = text.len();
+            }
         }
     })
     .await?;
@@ -1012,7 +1047,7 @@ async fn generate_text(args: &GenerateArgs) -> anyhow::Result<()> {
     }
     let seconds = generation.elapsed.as_secs_f64();
     let summary = serde_json::json!({
-        "text": expertnet_model::tokenizer::decode_bytes(&generation.tokens),
+        "text": tokenizer.decode(&generation.tokens),
         "tokens": generation.tokens,
         "new_tokens": generation.tokens.len(),
         "tokens_per_s": generation.tokens.len() as f64 / seconds.max(1e-9),

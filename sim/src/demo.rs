@@ -154,7 +154,8 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
     // computed locally.
     let model = MoeModel::remote(&router, &checkpoint, &manifest)?;
     let reference = MoeModel::local(&checkpoint)?;
-    let prompt = expertnet_model::tokenizer::encode_bytes(PROMPT);
+    let tokenizer = expertnet_model::tokenizer::TextTokenizer::load(&options.checkpoint)?;
+    let prompt = tokenizer.encode(PROMPT)?;
     let settings = GenerateOptions {
         max_new_tokens: NEW_TOKENS,
         temperature: 0.0,
@@ -192,7 +193,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         report.spot_checks += trace.spot_checks;
         report.mismatches += trace.spot_check_mismatches;
     }
-    report.text = expertnet_model::tokenizer::decode_bytes(&generation.tokens);
+    report.text = tokenizer.decode(&generation.tokens);
     report.new_tokens = generation.tokens.len();
     report.generation_seconds = generation.elapsed.as_secs_f64();
     report.reference_error = check.max_rel_error;

@@ -218,3 +218,56 @@ fn generate_names_a_silent_bootstrap_and_a_missing_tensor() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_command_streams_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    generate_checkpoint(dir.path(), &options()).unwrap();
+    let (nodes, bootstrap) = start(dir.path(), &["*:*", "*:*"]).await;
+    let manifest = Manifest::load(&Manifest::path_in(dir.path())).unwrap();
+    drop(router(bootstrap.clone(), &manifest.model_id(), 2).await);
+
+    let run = |extra: &'static [&'static str]| {
+        let dir = dir.path().to_owned();
+        let bootstrap = bootstrap.to_string();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(BINARY)
+                .args([
+                    "generate",
+                    "--prompt",
+                    "Experts ",
+                    "--max-new-tokens",
+                    "8",
+                    "--verify-local",
+                ])
+                .arg("--checkpoint")
+                .arg(dir)
+                .args(["--bootstrap", &bootstrap])
+                .args(extra)
+                .output()
+                .unwrap()
+        })
+    };
+    let output = run(&["--json"]).await.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["new_tokens"], 8, "{summary}");
+    assert!(
+        summary["max_rel_error"].as_f64().unwrap() < 1e-4,
+        "{summary}"
+    );
+    assert_eq!(summary["choice_mismatches"].as_array().unwrap().len(), 0);
+
+    let output = run(&[]).await.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.starts_with("Experts "), "{text}");
+    assert!(text.contains("8 tokens in"), "{text}");
+    assert!(
+        text.contains("local reference: max relative logit error"),
+        "{text}"
+    );
+    for node in nodes.into_iter().flatten() {
+        node.kill();
+    }
+}

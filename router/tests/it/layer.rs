@@ -529,7 +529,7 @@ async fn forward_command_reports_error_fallbacks_and_latency() {
     let output = run(&["--layer", "1", "--tokens", "0"]).await;
     assert!(!output.status.success());
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("--tokens and --batch must be at least 1")
+        String::from_utf8_lossy(&output.stderr).contains("--tokens is 0; it must be at least 1")
     );
     network.stop().await;
 }
