@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use expertnet_model::{Family, GeneratorOptions, Manifest, generate_checkpoint};
 use expertnet_proto::DType;
 use expertnet_sim::bench::{self, BenchOptions};
-use expertnet_sim::{demo, dht_bench, generate_bench, layer_bench};
+use expertnet_sim::{demo, dht_bench, generate_bench, layer_bench, virtual_time};
 
 /// Prints a line to stdout. When stdout is closed early, as in `... | head`, the process
 /// exits quietly instead of panicking.
@@ -103,6 +103,15 @@ enum Command {
     /// Measure and print benchmarks.
     #[command(subcommand)]
     Bench(Bench),
+    /// Run the router's routing policy over modeled nodes in virtual time, as a scenario
+    /// file describes (see sim/scenarios/), and print success, latency and load balance.
+    Virtual {
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Print JSON instead of Markdown.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,6 +260,7 @@ fn main() -> ExitCode {
             joins,
             json,
         }) => bench_dht(nodes, stagger_ms, lookups, joins, json),
+        Command::Virtual { scenario, json } => run_virtual(&scenario, json),
         Command::Bench(Bench::Generate {
             sizes,
             nodes,
@@ -502,4 +512,26 @@ fn bench_generate(
         generate_bench::run(&parsed, nodes, new_tokens),
         |rows| generate_bench::to_markdown(rows),
     )
+}
+
+fn run_virtual(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let scenario = virtual_time::Scenario::load(path)?;
+    let mut reports = Vec::new();
+    for (replication, churn_scale) in scenario.runs() {
+        eprintln!("replication {replication}, churn x{churn_scale}");
+        reports.push(virtual_time::run(&scenario, replication, churn_scale));
+    }
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        outln!("{}", virtual_time::to_markdown(&reports).trim_end());
+    }
+    let misses: Vec<String> = reports.iter().flat_map(|r| scenario.misses(r)).collect();
+    if !misses.is_empty() {
+        anyhow::bail!(
+            "the scenario's expectations were missed: {}",
+            misses.join("; ")
+        );
+    }
+    Ok(())
 }

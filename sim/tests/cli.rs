@@ -122,3 +122,72 @@ fn demo_runs_end_to_end() {
         assert!(stdout.contains("32 tokens in"), "{run}: {stdout}");
     }
 }
+
+fn run_virtual(scenario: &std::path::Path) -> std::process::Output {
+    Command::new(BINARY)
+        .args(["virtual", "--json", "--scenario"])
+        .arg(scenario)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn virtual_run_is_reproducible_and_checks_its_expectations() {
+    let scenario =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/virtual-small.toml");
+    let reports: Vec<Vec<serde_json::Value>> = (0..2)
+        .map(|_| {
+            let output = run_virtual(&scenario);
+            assert!(output.status.success(), "{output:?}");
+            let mut runs: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+            for run in &mut runs {
+                run.as_object_mut().unwrap().remove("wall_s");
+            }
+            runs
+        })
+        .collect();
+    assert_eq!(
+        reports[0], reports[1],
+        "the same seed gave different reports"
+    );
+    assert_eq!(
+        reports[0].len(),
+        4,
+        "two replications times two churn rates"
+    );
+    for run in &reports[0] {
+        assert!(run["token_success"].as_f64().unwrap() >= 0.9, "{run}");
+        assert_eq!(run["tokens"], 20_000);
+    }
+    // More replicas, lower latency: the policy uses them.
+    assert!(reports[0][2]["p99_ms"].as_f64().unwrap() < reports[0][0]["p99_ms"].as_f64().unwrap());
+
+    // An expectation the run cannot meet fails the command, naming the figure.
+    let dir = tempfile::tempdir().unwrap();
+    let strict = dir.path().join("strict.toml");
+    let text = std::fs::read_to_string(&scenario)
+        .unwrap()
+        .replace("max_p99_ms = 1000", "max_p99_ms = 1");
+    std::fs::write(&strict, text).unwrap();
+    let output = run_virtual(&strict);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("p99") && stderr.contains("above 1 ms"),
+        "{stderr}"
+    );
+
+    // A bad value is named with its accepted range.
+    let broken = dir.path().join("broken.toml");
+    let text = std::fs::read_to_string(&scenario)
+        .unwrap()
+        .replace("nodes = 500", "nodes = 0");
+    std::fs::write(&broken, text).unwrap();
+    let output = run_virtual(&broken);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("network.nodes is 0; give 1 to 100000"),
+        "{stderr}"
+    );
+}

@@ -434,12 +434,14 @@ impl LayerCall {
             return;
         }
 
-        let due: Vec<u64> = self
+        let mut due: Vec<u64> = self
             .in_flight
             .iter()
             .filter(|(_, flight)| flight.hedge_at.is_some_and(|at| now >= at))
             .map(|(&id, _)| id)
             .collect();
+        // In dispatch order, so that the same inputs give the same hedges.
+        due.sort_unstable();
         for id in due {
             let Some(flight) = self.in_flight.get_mut(&id) else {
                 continue;
@@ -710,13 +712,20 @@ impl LayerCall {
     /// until `now`, so a node that lost a hedge race does not keep its optimistic
     /// estimate. The caller then cancels them.
     pub fn finish_in_flight(&mut self, now: Instant, book: &mut PeerBook) {
-        for (_, flight) in self.in_flight.drain() {
+        let mut flights: Vec<(u64, InFlight)> = self.in_flight.drain().collect();
+        flights.sort_unstable_by_key(|(id, _)| *id);
+        for (_, flight) in flights {
             book.record_slow(
                 flight.peer,
                 flight.tokens,
                 now.saturating_duration_since(flight.sent),
             );
         }
+    }
+
+    /// Returns the tasks of dispatch `id` while it is in flight.
+    pub fn dispatch_tasks(&self, id: u64) -> Option<Vec<usize>> {
+        self.in_flight.get(&id).map(|flight| flight.tasks.clone())
     }
 
     /// Dispatch ids still in flight, which the caller may cancel once the call is over.
