@@ -135,7 +135,7 @@ pub struct Sweep {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Expectations {
-    /// Least share of tokens served, from 0 to 1.
+    /// Minimum share of tokens served, from 0 to 1.
     pub min_token_success: Option<f64>,
     /// Largest p99 layer-call latency, milliseconds.
     pub max_p99_ms: Option<f64>,
@@ -273,7 +273,7 @@ impl Scenario {
         }
     }
 
-    /// The runs of the sweep: every replication with every churn scale.
+    /// Lists the runs of the sweep: every replication with every churn scale.
     pub fn runs(&self) -> Vec<(usize, f64)> {
         let sweep = self.sweep.clone().unwrap_or(Sweep {
             replication: Vec::new(),
@@ -295,7 +295,7 @@ impl Scenario {
             .collect()
     }
 
-    /// The figures of `report` that miss the scenario's expectations.
+    /// Lists the figures of `report` that miss the scenario's expectations.
     pub fn misses(&self, report: &VirtualReport) -> Vec<String> {
         let mut misses = Vec::new();
         if let Some(min) = self.expect.min_token_success
@@ -436,7 +436,7 @@ pub fn run(scenario: &Scenario, replication: usize, churn_scale: f64) -> Virtual
             hedging: workload.hedging,
         };
         let mut call = LayerCall::new(gates, table.clone(), settings);
-        // Answers pending, by virtual completion time in microseconds.
+        // Responses pending, by virtual completion time in microseconds.
         let mut events: BinaryHeap<Reverse<(u64, u64, bool)>> = BinaryHeap::new();
         let mut dispatch_tokens: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
         let mut now_ms = start_ms;
