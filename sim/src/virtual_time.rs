@@ -2,7 +2,7 @@
 //! time.
 //!
 //! The policy is the router's own sans-I/O core ([`LayerCall`] and [`PeerBook`]): this
-//! module only stands in for the network. Each modeled node has a base latency drawn from
+//! module only models the network. Each modeled node has a base latency drawn from
 //! a log-normal distribution, a per-token cost and a chance of being a straggler; churn
 //! takes nodes down and brings them back. A node that is down fails requests after a
 //! connect timeout, as a refused or dead connection does, and stays listed as a replica,
