@@ -256,7 +256,8 @@ impl RemoteMoeLayer {
             return Err(LayerError::TopK { top_k, experts });
         }
         let gate = checkpoint.load_gate(layer, candle_core::DType::F32, &Device::Cpu)?;
-        let has_experts = checkpoint.check_expert(layer, 0).is_ok();
+        let has_experts =
+            router.config().local_referee && checkpoint.check_expert(layer, 0).is_ok();
         let referee = if has_experts {
             Some(Checkpoint::open(checkpoint.dir())?)
         } else {

@@ -36,6 +36,9 @@ pub struct RouterConfig {
     /// Largest per-row relative difference between two replicas' outputs that still counts
     /// as agreement. Default 1e-3, which bf16 and f16 nodes stay within on f32 tokens.
     pub spot_check_tolerance: f32,
+    /// Let the client's own copy of an expert, when the checkpoint has it, referee
+    /// spot-check mismatches. Off, a third replica referees. Default on.
+    pub local_referee: bool,
     /// File to append the evidence of every spot-check mismatch to, one JSON object per
     /// line. `None` keeps it in the log only.
     pub evidence_file: Option<PathBuf>,
@@ -60,6 +63,7 @@ impl RouterConfig {
             peers: PeerPolicy::default(),
             spot_check_rate: 0.01,
             spot_check_tolerance: 1e-3,
+            local_referee: true,
             evidence_file: None,
             wire_dtype: DType::F32,
             connect_timeout: Duration::from_secs(2),

@@ -533,3 +533,76 @@ async fn forward_command_reports_error_fallbacks_and_latency() {
     );
     network.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_replica_referees_without_local_weights() {
+    let network = Network::start(&[
+        ("1:*", FaultConfig::default()),
+        ("1:*", FaultConfig::default()),
+        ("1:*", FaultConfig::default()),
+    ])
+    .await;
+    let mut order = [0, 1, 2];
+    order.sort_by_key(|&i| network.peer(i));
+    let liar = order[0];
+    network.node(liar).set_faults(faults("wrong-output"));
+    let mut config = network.config();
+    config.spot_check_rate = 1.0;
+    config.local_referee = false;
+    let (router, layer) = network.layer(config, 3).await;
+
+    let x = hidden(10, 11);
+    let out = layer.forward(&x).await.unwrap();
+    let error = max_error(&out.output, &network.local().forward(&x).unwrap());
+    assert!(error < 1e-5, "max relative error {error}");
+    assert!(router.stats().dishonest_bans() >= 1);
+    assert!(router.peer_book().is_suspect(&network.peer(liar)));
+    let judged = out
+        .trace
+        .failures
+        .iter()
+        .find(|f| f.peer == network.peer(liar))
+        .unwrap();
+    assert!(
+        judged.reason.contains("judged by replica"),
+        "{}",
+        judged.reason
+    );
+    network.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_referee_both_replicas_become_suspects() {
+    let network = Network::start(&[
+        ("1:*", FaultConfig::default()),
+        ("1:*", FaultConfig::default()),
+    ])
+    .await;
+    let (liar, honest) = preferred(&network, 0, 1);
+    network.node(liar).set_faults(faults("wrong-output"));
+    let mut config = network.config();
+    config.spot_check_rate = 1.0;
+    config.local_referee = false;
+    let (router, layer) = network.layer(config, 2).await;
+
+    // Every expert of every token was served by the liar and disputed, so every result
+    // is dropped and the call fails instead of returning either output.
+    let error = layer.forward(&hidden(10, 12)).await.unwrap_err();
+    match &error {
+        LayerError::Call(CallError::Unserved { tokens, .. }) => assert_eq!(*tokens, 10),
+        other => panic!("expected an Unserved error, got {other}"),
+    }
+    assert!(
+        error.to_string().contains("neither can be shown wrong"),
+        "{error}"
+    );
+    assert_eq!(
+        router.stats().dishonest_bans(),
+        0,
+        "no node can be shown wrong"
+    );
+    let book = router.peer_book();
+    assert!(book.is_suspect(&network.peer(liar)));
+    assert!(book.is_suspect(&network.peer(honest)));
+    network.stop().await;
+}
