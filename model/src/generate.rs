@@ -142,7 +142,7 @@ fn write_checkpoint(
         &config_json(options),
     )?;
     if options.vocab >= 256 {
-        crate::tokenizer::write_byte_tokenizer(dir)?;
+        crate::tokenizer::write_byte_tokenizer(dir, options.vocab)?;
     }
 
     let checkpoint = Checkpoint::open(dir)?;

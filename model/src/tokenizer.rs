@@ -109,16 +109,21 @@ fn byte_level_chars() -> Vec<char> {
 }
 
 /// Writes a byte-level `tokenizer.json` whose token id `b` is the byte `b`, so generated
-/// checkpoints come with a tokenizer that the Hugging Face library reads.
+/// checkpoints come with a tokenizer that the Hugging Face library reads. Ids from 256 up
+/// to `vocab_size` become tokens `<extra_ID>`, which encoding never produces and
+/// decoding writes out, so every id the model can emit shows in the text.
 ///
 /// # Errors
 /// [`ModelError::Io`] when the file cannot be written.
-pub fn write_byte_tokenizer(dir: &Path) -> Result<(), ModelError> {
-    let vocab: serde_json::Map<String, serde_json::Value> = byte_level_chars()
+pub fn write_byte_tokenizer(dir: &Path, vocab_size: usize) -> Result<(), ModelError> {
+    let mut vocab: serde_json::Map<String, serde_json::Value> = byte_level_chars()
         .into_iter()
         .enumerate()
         .map(|(id, c)| (c.to_string(), serde_json::Value::from(id)))
         .collect();
+    for id in 256..vocab_size {
+        vocab.insert(format!("<extra_{id}>"), serde_json::Value::from(id));
+    }
     let byte_level = serde_json::json!({
         "type": "ByteLevel",
         "add_prefix_space": false,
@@ -167,13 +172,15 @@ mod tests {
     #[test]
     fn written_tokenizer_encodes_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        write_byte_tokenizer(dir.path()).unwrap();
+        write_byte_tokenizer(dir.path(), 300).unwrap();
         let tokenizer = TextTokenizer::load(dir.path()).unwrap();
         assert!(matches!(tokenizer, TextTokenizer::HuggingFace(_)));
         let text = "Mixture of experts, ½ €";
         let ids = tokenizer.encode(text).unwrap();
         assert_eq!(ids, encode_bytes(text));
         assert_eq!(tokenizer.decode(&ids), text);
+        // Ids above the bytes decode to visible tokens, never to nothing.
+        assert_eq!(tokenizer.decode(&[104, 299, 105]), "h<extra_299>i");
     }
 
     #[test]

@@ -82,6 +82,25 @@ pub struct DemoReport {
     /// Largest relative logit difference from the local reference over the generated
     /// positions.
     pub reference_error: f32,
+    /// Tasks served by another replica or expert during generation.
+    pub generation_fallbacks: usize,
+    /// Failed requests by reason during generation, such as `unavailable 2`.
+    pub generation_failures: String,
+    /// Failed requests by reason over the whole run.
+    pub failures: String,
+}
+
+/// Formats the router's failed requests by reason, or `none`.
+fn failure_summary(router: &Router) -> String {
+    let counts = router.stats().failure_counts();
+    if counts.is_empty() {
+        return "none".to_owned();
+    }
+    let parts: Vec<String> = counts
+        .iter()
+        .map(|(kind, n)| format!("{kind} {n}"))
+        .collect();
+    parts.join(", ")
 }
 
 /// The prompt of the generation part.
@@ -188,11 +207,11 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         );
     }
     for trace in &generation.traces {
-        report.replica_fallbacks += trace.replica_fallbacks;
-        report.expert_fallbacks += trace.expert_fallbacks;
+        report.generation_fallbacks += trace.replica_fallbacks + trace.expert_fallbacks;
         report.spot_checks += trace.spot_checks;
         report.mismatches += trace.spot_check_mismatches;
     }
+    report.generation_failures = failure_summary(&router);
     report.text = tokenizer.decode(&generation.tokens);
     report.new_tokens = generation.tokens.len();
     report.generation_seconds = generation.elapsed.as_secs_f64();
@@ -271,6 +290,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         );
     }
     report.dishonest_bans = router.stats().dishonest_bans() as usize;
+    report.failures = failure_summary(&router);
 
     for node in nodes.into_iter().flatten() {
         node.shutdown().await?;

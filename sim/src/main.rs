@@ -335,17 +335,23 @@ fn demo(checkpoint: Option<PathBuf>, tokens: usize, seed: u64) -> anyhow::Result
         report.reference_error
     );
     outln!(
-        "{} layer calls of {tokens} tokens: {} expert tasks served by another replica after a failure, {} tokens moved to another expert, {} failed",
+        "during generation: {} expert tasks served elsewhere after a failure; failed requests by reason: {}",
+        report.generation_fallbacks,
+        report.generation_failures
+    );
+    outln!(
+        "then {} layer calls of {tokens} tokens: {} expert tasks served by another replica after a failure, {} tokens moved to another expert, {} failed",
         report.calls,
         report.replica_fallbacks,
         report.expert_fallbacks,
         report.failed_calls
     );
     outln!(
-        "every receipt verified; {} spot checks, {} mismatches, nodes banned for wrong results: {}",
+        "every receipt verified; {} spot checks, {} mismatches, nodes banned for wrong results: {}; failed requests by reason: {}",
         report.spot_checks,
         report.mismatches,
-        report.dishonest_bans
+        report.dishonest_bans,
+        report.failures
     );
     outln!(
         "max relative error against the local layers {:.2e}",
