@@ -194,6 +194,10 @@ struct ForwardArgs {
     /// Do not send slow requests to a second replica.
     #[arg(long)]
     no_hedging: bool,
+    /// Seconds to wait, before the first call, for every expert of the layer to have a
+    /// replica; for a client that starts together with the nodes. 0 does not wait.
+    #[arg(long, default_value_t = 0)]
+    wait_secs: u64,
     /// Seconds to wait for the bootstrap peers.
     #[arg(long, default_value_t = 10)]
     timeout_secs: u64,
@@ -773,6 +777,15 @@ async fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
     config.seed = Some(args.seed);
     let router = Router::connect(config).await?;
     let remote = RemoteMoeLayer::new(&router, &checkpoint, &manifest, args.layer)?;
+    if args.wait_secs > 0 {
+        wait_for_layer(
+            &router,
+            &remote,
+            checkpoint.config().num_experts(),
+            args.wait_secs,
+        )
+        .await?;
+    }
 
     // The local reference needs every expert's weights; a client folder may hold only the
     // gate.
@@ -1127,4 +1140,34 @@ fn open_with_manifest(dir: &std::path::Path) -> anyhow::Result<(Checkpoint, Mani
         )
     })?;
     Ok((checkpoint, manifest))
+}
+
+/// Waits until discovery lists a replica of every expert of `layer`, polling twice a
+/// second for at most `seconds`.
+async fn wait_for_layer(
+    router: &Router,
+    layer: &RemoteMoeLayer,
+    experts: u32,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let table = router
+            .discovery()
+            .resolve_fresh(layer.model_id(), layer.layer())
+            .await?;
+        let missing: Vec<u32> = (0..experts)
+            .filter(|&e| table.replicas(e).is_empty())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() >= Duration::from_secs(seconds) {
+            bail!(
+                "after {seconds} s no node serves experts {missing:?} of layer {}; start nodes that host them",
+                layer.layer()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
