@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use expertnet_model::{Family, GeneratorOptions, Manifest, generate_checkpoint};
 use expertnet_proto::DType;
 use expertnet_sim::bench::{self, BenchOptions};
-use expertnet_sim::{demo, dht_bench, generate_bench, layer_bench, virtual_time};
+use expertnet_sim::{demo, dht_bench, generate_bench, layer_bench, scenario, virtual_time};
 
 /// Prints a line to stdout. When stdout is closed early, as in `... | head`, the process
 /// exits quietly instead of panicking.
@@ -103,6 +103,19 @@ enum Command {
     /// Measure and print benchmarks.
     #[command(subcommand)]
     Bench(Bench),
+    /// Run a scenario with real nodes in this process on 127.0.0.1: a paced workload
+    /// through one MoE layer and a schedule of faults (see sim/scenarios/).
+    Run {
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Where to write the SVG plot of latency with the faults marked
+        /// [default: SCENARIO_NAME.svg in the temporary folder].
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the router's routing policy over modeled nodes in virtual time, as a scenario
     /// file describes (see sim/scenarios/), and print success, latency and load balance.
     Virtual {
@@ -261,6 +274,11 @@ fn main() -> ExitCode {
             json,
         }) => bench_dht(nodes, stagger_ms, lookups, joins, json),
         Command::Virtual { scenario, json } => run_virtual(&scenario, json),
+        Command::Run {
+            scenario,
+            plot,
+            json,
+        } => run_scenario(&scenario, plot, json),
         Command::Bench(Bench::Generate {
             sizes,
             nodes,
@@ -537,6 +555,28 @@ fn run_virtual(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
         anyhow::bail!(
             "the scenario's expectations were missed: {}",
             misses.join("; ")
+        );
+    }
+    Ok(())
+}
+
+fn run_scenario(path: &std::path::Path, plot: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let scenario = scenario::load(path)?;
+    let plot = plot.unwrap_or_else(|| scenario::default_plot(path));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(scenario::run(&scenario, Some(&plot)))?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        outln!("{}", scenario::to_text(&report).trim_end());
+        outln!("plot: {}", plot.display());
+    }
+    if !report.misses.is_empty() {
+        anyhow::bail!(
+            "the scenario's expectations were missed: {}",
+            report.misses.join("; ")
         );
     }
     Ok(())

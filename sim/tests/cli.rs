@@ -191,3 +191,72 @@ fn virtual_run_is_reproducible_and_checks_its_expectations() {
         "{stderr}"
     );
 }
+
+/// The shipped scenarios with real nodes, one after another, each checking the figures
+/// its file promises.
+#[test]
+fn shipped_scenarios_keep_their_promises() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["churn", "straggler", "dishonest", "bootstrap-restart"] {
+        let scenario =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("scenarios/{name}.toml"));
+        let plot = dir.path().join(format!("{name}.svg"));
+        let output = Command::new(BINARY)
+            .args(["run", "--json", "--scenario"])
+            .arg(&scenario)
+            .arg("--plot")
+            .arg(&plot)
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{name}: {stderr}");
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(report["failed_tokens"], 0, "{name}: {report}");
+        assert!(
+            report["misses"].as_array().unwrap().is_empty(),
+            "{name}: {report}"
+        );
+        assert!(
+            std::fs::read_to_string(&plot).unwrap().starts_with("<svg"),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn scenario_errors_name_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let base = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/churn.toml"),
+    )
+    .unwrap();
+    for (from, to, fragment) in [
+        (
+            "replication = 2",
+            "replication = 20",
+            "network.replication must be 1 to network.nodes",
+        ),
+        (
+            "node = 5",
+            "node = 50",
+            "names node 50, but there are nodes 0 to 12",
+        ),
+        (
+            "action = \"restart\"",
+            "action = \"explode\"",
+            "unknown variant `explode`",
+        ),
+    ] {
+        std::fs::write(&path, base.replacen(from, to, 1)).unwrap();
+        let output = Command::new(BINARY)
+            .args(["run", "--scenario"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{from}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(fragment), "{from}: {stderr}");
+    }
+}
