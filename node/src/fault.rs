@@ -13,6 +13,8 @@ use expertnet_proto::WireTensor;
 pub struct FaultConfig {
     /// Wait this long before computing each request.
     pub delay: Duration,
+    /// Add a further delay drawn uniformly from zero to this, per request.
+    pub jitter: Duration,
     /// Return outputs changed after computation, under a valid signature: what a
     /// dishonest or broken node would send.
     pub wrong_output: bool,
@@ -58,6 +60,12 @@ impl FaultConfig {
                 self.delay = parse_duration(value)?;
                 Ok(())
             }
+            "jitter" => {
+                let value = value
+                    .ok_or_else(|| "fault jitter needs a value, such as jitter=5ms".to_owned())?;
+                self.jitter = parse_duration(value)?;
+                Ok(())
+            }
             "wrong-output" => flag(&mut self.wrong_output),
             "nan-output" => flag(&mut self.nan_output),
             "wrong-shape" => flag(&mut self.wrong_shape),
@@ -74,9 +82,15 @@ impl FaultConfig {
                 Ok(())
             }
             _ => Err(format!(
-                "unknown fault {text:?}; known faults: delay=DURATION, wrong-output, nan-output, wrong-shape, bad-signature, stop-answering, advertise-load=TOKENS"
+                "unknown fault {text:?}; known faults: delay=DURATION, jitter=DURATION, wrong-output, nan-output, wrong-shape, bad-signature, stop-answering, advertise-load=TOKENS"
             )),
         }
+    }
+
+    /// Returns this request's delay: `delay` plus a uniform share of `jitter`, with
+    /// `unit` in [0, 1).
+    pub(crate) fn request_delay(&self, unit: f64) -> Duration {
+        self.delay + self.jitter.mul_f64(unit.clamp(0.0, 1.0))
     }
 
     /// Changes an output as the output faults ask, before it is signed.
@@ -101,6 +115,9 @@ impl std::fmt::Display for FaultConfig {
         let mut parts = Vec::new();
         if !self.delay.is_zero() {
             parts.push(format!("delay={}ms", self.delay.as_millis()));
+        }
+        if !self.jitter.is_zero() {
+            parts.push(format!("jitter={}ms", self.jitter.as_millis()));
         }
         let flags = [
             (self.wrong_output, "wrong-output"),
@@ -261,5 +278,14 @@ mod tests {
         );
         assert_eq!(faults.to_string().parse::<FaultConfig>().unwrap(), faults);
         assert_eq!(FaultConfig::default().to_string(), "none");
+    }
+
+    #[test]
+    fn jitter_adds_a_bounded_random_delay() {
+        let faults: FaultConfig = "delay=10ms,jitter=4ms".parse().unwrap();
+        assert_eq!(faults.request_delay(0.0), Duration::from_millis(10));
+        assert_eq!(faults.request_delay(0.5), Duration::from_millis(12));
+        assert_eq!(faults.request_delay(2.0), Duration::from_millis(14));
+        assert_eq!(faults.to_string(), "delay=10ms,jitter=4ms");
     }
 }

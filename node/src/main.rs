@@ -128,7 +128,7 @@ struct RunArgs {
     #[arg(long, value_parser = parse_seconds)]
     republish_interval: Option<u64>,
     /// Misbehave on purpose, for tests and simulations (repeatable): delay=DURATION,
-    /// wrong-output, nan-output, wrong-shape, bad-signature, stop-answering,
+    /// jitter=DURATION, wrong-output, nan-output, wrong-shape, bad-signature, stop-answering,
     /// advertise-load=TOKENS. Off by default.
     #[arg(long = "fault")]
     #[serde(default)]

@@ -197,8 +197,11 @@ impl ExpertServer {
             // The caller's deadline or cancellation ends the request.
             std::future::pending::<()>().await;
         }
-        if !faults.delay.is_zero() {
-            tokio::time::sleep(faults.delay).await;
+        if !faults.delay.is_zero() || !faults.jitter.is_zero() {
+            // Request ids are random, so their first bytes give the jitter's draw.
+            let draw =
+                u16::from_le_bytes([call.request_id.as_bytes()[0], call.request_id.as_bytes()[1]]);
+            tokio::time::sleep(faults.request_delay(f64::from(draw) / 65536.0)).await;
         }
         tracing::Span::current().record("tokens", call.total_tokens());
 

@@ -50,6 +50,16 @@ pub struct RealNetwork {
     /// Delay added to every request of every node, milliseconds, standing for the link.
     #[serde(default)]
     pub link_delay_ms: u64,
+    /// Further delay per request, drawn uniformly from 0 to this, milliseconds.
+    #[serde(default)]
+    pub link_jitter_ms: u64,
+    /// Layers of the generated model; the workload goes through the last one.
+    #[serde(default = "default_layers")]
+    pub layers: usize,
+}
+
+fn default_layers() -> usize {
+    2
 }
 
 fn default_hidden() -> usize {
@@ -180,6 +190,10 @@ pub fn load(path: &Path) -> anyhow::Result<RealScenario> {
     let problems = [
         ((1..=64).contains(&n.nodes), "network.nodes must be 1 to 64"),
         (
+            (1..=32).contains(&n.layers),
+            "network.layers must be 1 to 32",
+        ),
+        (
             (2..=256).contains(&n.experts),
             "network.experts must be 2 to 256",
         ),
@@ -274,7 +288,7 @@ pub async fn run(scenario: &RealScenario, plot: Option<&Path>) -> anyhow::Result
         dir.path(),
         &GeneratorOptions {
             family: Family::Mixtral,
-            layers: 2,
+            layers: n.layers,
             experts: n.experts,
             hidden: n.hidden,
             ffn: n.ffn,
@@ -287,8 +301,10 @@ pub async fn run(scenario: &RealScenario, plot: Option<&Path>) -> anyhow::Result
     )?;
     let base_faults = FaultConfig {
         delay: Duration::from_millis(n.link_delay_ms),
+        jitter: Duration::from_millis(n.link_jitter_ms),
         ..FaultConfig::default()
     };
+    let layer_index = (n.layers - 1) as u32;
 
     // Slot 0 is the bootstrap node; it hosts expert 0 only, so that it takes part.
     let mut slots: Vec<Slot> = Vec::new();
@@ -340,8 +356,8 @@ pub async fn run(scenario: &RealScenario, plot: Option<&Path>) -> anyhow::Result
     let router = Router::connect(config).await?;
     let checkpoint = Checkpoint::open(dir.path())?;
     let manifest = Manifest::load(&Manifest::path_in(dir.path()))?;
-    let layer = RemoteMoeLayer::new(&router, &checkpoint, &manifest, 1)?;
-    let local = LocalMoeLayer::load(&checkpoint, 1)?;
+    let layer = RemoteMoeLayer::new(&router, &checkpoint, &manifest, layer_index)?;
+    let local = LocalMoeLayer::load(&checkpoint, layer_index)?;
     wait_covered(&router, &layer, n.experts).await?;
 
     let mut faults = scenario.faults.clone();
@@ -455,7 +471,7 @@ pub async fn run(scenario: &RealScenario, plot: Option<&Path>) -> anyhow::Result
     if !joined.is_empty() {
         let table = router
             .discovery()
-            .resolve_fresh(layer.model_id(), 1)
+            .resolve_fresh(layer.model_id(), layer.layer())
             .await?;
         report.joined_visible = joined.iter().all(|peer| {
             (0..n.experts as u32).any(|e| table.replicas(e).iter().any(|r| r.peer_id == *peer))
@@ -483,7 +499,7 @@ async fn wait_covered(
     for _ in 0..150 {
         let table = router
             .discovery()
-            .resolve_fresh(layer.model_id(), 1)
+            .resolve_fresh(layer.model_id(), layer.layer())
             .await?;
         if (0..experts as u32).all(|e| !table.replicas(e).is_empty()) {
             return Ok(());
