@@ -229,9 +229,12 @@ pub fn load(path: &Path) -> anyhow::Result<RealScenario> {
     for fault in &scenario.faults {
         if fault.node > n.nodes && fault.action != FaultAction::Join {
             anyhow::bail!(
-                "invalid scenario {}: a {:?} fault names node {}, but there are nodes 0 to {}",
+                "invalid scenario {}: a {} fault names node {}, but the nodes are 0 (the bootstrap node) to {}",
                 path.display(),
-                fault.action,
+                toml::Value::try_from(fault.action).map_or_else(
+                    |_| "scheduled".to_owned(),
+                    |v| v.as_str().unwrap_or("scheduled").to_owned()
+                ),
                 fault.node,
                 n.nodes
             );
@@ -785,6 +788,17 @@ pub fn to_text(report: &RealReport) -> String {
         "max relative error against the local layer: {:.2e} ({:.2e} after the bans)",
         report.max_rel_error, report.max_rel_error_after_bans
     );
+    if report.fault_log.iter().any(|(_, f)| f.ends_with("joined")) {
+        let _ = writeln!(
+            text,
+            "nodes that joined: {}",
+            if report.joined_visible {
+                "listed by discovery"
+            } else {
+                "NOT listed by discovery"
+            }
+        );
+    }
     let _ = writeln!(text, "faults:");
     for (at, fault) in &report.fault_log {
         let _ = writeln!(text, "  {at:6.1} s  {fault}");

@@ -184,9 +184,16 @@ impl Scenario {
             path: name.clone(),
             error,
         })?;
-        let scenario: Scenario = toml::from_str(&text).map_err(|e| ScenarioError::Invalid {
-            path: name.clone(),
-            reason: e.to_string(),
+        let scenario: Scenario = toml::from_str(&text).map_err(|e| {
+            let hint = if text.contains("[[fault]]") || text.contains("duration_s") {
+                " (this looks like a scenario for `expertnet-sim run`)"
+            } else {
+                ""
+            };
+            ScenarioError::Invalid {
+                path: name.clone(),
+                reason: format!("{}{hint}", e.to_string().trim_end()),
+            }
         })?;
         scenario
             .check()
@@ -538,7 +545,7 @@ fn call_tasks(call: &LayerCall, dispatch: u64) -> Vec<usize> {
 /// Formats the reports as a Markdown table.
 pub fn to_markdown(reports: &[VirtualReport]) -> String {
     let mut text = String::from(
-        "| replication | failures per call | layer calls | tokens | token success | failed calls | p50 / p95 / p99 ms | load max / mean | replica fallbacks | expert fallbacks | hedges | requests | wall s |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| replication | failures per call | layer calls | tokens | token success | failed calls | p50 / p95 / p99 ms | load, max over mean | replica fallbacks | expert fallbacks | hedges | requests | wall s |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in reports {
         text.push_str(&format!(

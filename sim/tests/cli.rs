@@ -241,7 +241,7 @@ fn scenario_errors_name_the_value() {
         (
             "node = 5",
             "node = 50",
-            "names node 50, but there are nodes 0 to 12",
+            "a kill fault names node 50, but the nodes are 0 (the bootstrap node) to 12",
         ),
         (
             "action = \"restart\"",
