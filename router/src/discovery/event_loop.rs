@@ -1,6 +1,6 @@
 //! The discovery task: owns the swarm, runs lookups and keeps the caches.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -509,8 +509,24 @@ impl EventLoop {
             return;
         };
         self.provider_queries.retain(|_, t| t != target);
-        let providers: Vec<&NodeRecord> = lookup
-            .providers
+        // A lookup that ends early under load can miss providers it found last time. Keep
+        // those whose records were fetched within the cache TTL, so one incomplete
+        // refresh does not hide them; a node that failed was dropped from `records`.
+        let mut peers: BTreeSet<PeerId> = lookup.providers.iter().copied().collect();
+        if let Target::Layer { model_id, layer } = target
+            && let Some(previous) = self.layers.get(&(model_id.clone(), *layer))
+        {
+            for replica in previous.replicas.experts.values().flatten() {
+                let recent = self
+                    .records
+                    .get(&replica.peer_id)
+                    .is_some_and(|cached| cached.fetched.elapsed() < self.config.cache_ttl);
+                if recent {
+                    peers.insert(replica.peer_id);
+                }
+            }
+        }
+        let providers: Vec<&NodeRecord> = peers
             .iter()
             .filter_map(|peer| self.records.get(peer))
             .map(|cached| &cached.record)

@@ -93,7 +93,7 @@ pub struct CallResult {
 /// The reason a call could not be completed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
-    #[error("deadline reached with {} experts still unanswered: {}", pending.len(), describe_pending(pending))]
+    #[error("deadline reached with {} experts still unanswered: {}{}", pending.len(), describe_pending(pending), describe_earlier(failures))]
     Deadline {
         /// Experts still waited for, with the nodes they were sent to.
         pending: Vec<(u32, Vec<PeerId>)>,
@@ -121,6 +121,14 @@ fn describe_pending(pending: &[(u32, Vec<PeerId>)]) -> String {
         })
         .collect();
     parts.join("; ")
+}
+
+fn describe_earlier(failures: &[TaskFailure]) -> String {
+    if failures.is_empty() {
+        String::new()
+    } else {
+        format!("; failed before: {}", describe_failures(failures))
+    }
 }
 
 fn describe_failures(failures: &[TaskFailure]) -> String {
