@@ -3,7 +3,7 @@
 use crate::{Family, ModelConfig};
 use candle_core::Tensor;
 
-/// How a family turns gate logits into expert weights.
+/// The rule by which a family turns gate logits into expert weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GateRule {
     /// The weights of the chosen experts sum to 1: Mixtral (a softmax over the top-k
@@ -16,7 +16,7 @@ pub enum GateRule {
 }
 
 impl GateRule {
-    /// The rule of a checkpoint's family and settings.
+    /// Returns the rule of a checkpoint's family and settings.
     pub fn from_config(config: &ModelConfig) -> Self {
         match config.family() {
             Some(Family::Mixtral) | None => GateRule::Normalized,
@@ -30,8 +30,8 @@ impl GateRule {
         }
     }
 
-    /// The weights of `chosen` experts given one token's logits over all experts. Used
-    /// both for the top k and for any set that replaces an expert that failed.
+    /// Computes the weights of `chosen` experts from one token's logits over all experts,
+    /// for the top k and for any set that replaces an expert that failed.
     pub fn weights(self, logits: &[f32], chosen: &[u32]) -> Vec<f32> {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let exp = |expert: u32| (logits[expert as usize] - max).exp();
@@ -85,7 +85,7 @@ impl TokenGate {
         Self { ranking, logits }
     }
 
-    /// The `k` best experts.
+    /// Returns the `k` best experts.
     pub fn top_k(&self, k: usize) -> &[u32] {
         &self.ranking[..k.min(self.ranking.len())]
     }

@@ -87,7 +87,7 @@ pub fn decode_bytes(tokens: &[u32]) -> String {
     text
 }
 
-/// The characters GPT-2-style byte-level tokenizers use for the 256 byte values:
+/// Returns the characters GPT-2-style byte-level tokenizers use for the 256 byte values:
 /// printable Latin-1 characters stand for themselves, the others for code points from 256
 /// up, in byte order.
 fn byte_level_chars() -> Vec<char> {

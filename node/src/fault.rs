@@ -23,9 +23,9 @@ pub struct FaultConfig {
     /// Return an output that has one row more or fewer than the input, under a valid
     /// signature.
     pub wrong_shape: bool,
-    /// Answer with receipts whose signature does not verify.
+    /// Return receipts whose signature does not verify.
     pub bad_signature: bool,
-    /// Accept requests and never answer them.
+    /// Accept requests and never respond to them.
     pub stop_answering: bool,
     /// Publish this load, in token rows, in node records instead of the real one.
     pub advertised_load: Option<u32>,

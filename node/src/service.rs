@@ -327,7 +327,8 @@ impl ExpertService for ExpertServiceImpl {
     }
 }
 
-/// What a client of a crashed node sees: the transport's code for a lost connection.
+/// Returns the status a client of a crashed node gets: the transport's code for a lost
+/// connection.
 fn killed_status() -> Status {
     Status::unavailable("connection lost: the node was killed")
 }

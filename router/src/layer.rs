@@ -131,7 +131,8 @@ pub struct RemoteMoeLayer {
     top_k: usize,
     /// `[experts, hidden]`, f32.
     gate: Tensor,
-    weight_digests: Vec<Digest>,
+    /// Shared with every request in flight, so dispatching does not copy the list.
+    weight_digests: Arc<Vec<Digest>>,
     /// The checkpoint, when it contains expert weights to referee spot checks with.
     referee: Option<Checkpoint>,
     local_experts: Mutex<HashMap<u32, Option<Arc<Expert>>>>,
@@ -271,7 +272,7 @@ impl RemoteMoeLayer {
             rule: GateRule::from_config(config),
             top_k,
             gate,
-            weight_digests,
+            weight_digests: Arc::new(weight_digests),
             referee,
             local_experts: Mutex::new(HashMap::new()),
         })
@@ -574,7 +575,7 @@ impl RemoteMoeLayer {
             hidden_size: self.hidden_size,
             model_id: self.model_id.clone(),
             layer: self.layer,
-            digests: self.weight_digests.clone(),
+            digests: Arc::clone(&self.weight_digests),
         }
     }
 
@@ -988,7 +989,7 @@ struct Planned {
     hidden_size: usize,
     model_id: String,
     layer: u32,
-    digests: Vec<Digest>,
+    digests: Arc<Vec<Digest>>,
 }
 
 /// Largest token count of one request to `replica`: its advertised token limit, and what

@@ -2,7 +2,7 @@
 //! verifies every result they return.
 //!
 //! A [`Router`] joins the network through bootstrap peers and keeps what it learns about
-//! each node. A [`RemoteMoeLayer`] holds one layer's gate: its
+//! each node. A [`RemoteMoeLayer`] contains one layer's gate: its
 //! [`forward`](RemoteMoeLayer::forward) picks each token's top-k experts, sends the tokens
 //! of each chosen node in one request, all nodes in parallel, and combines the verified
 //! outputs with the gate weights. Replicas are chosen by expected completion time; a slow

@@ -182,7 +182,7 @@ struct ForwardArgs {
     /// Experts per token; the checkpoint's num_experts_per_tok by default.
     #[arg(long)]
     top_k: Option<usize>,
-    /// Fewest experts that must answer for a token.
+    /// Minimum number of experts that must serve each token.
     #[arg(long, default_value_t = 1)]
     k_min: usize,
     /// Share of expert results also computed by a second replica and compared, 0 to 1.
@@ -194,8 +194,8 @@ struct ForwardArgs {
     /// Do not send slow requests to a second replica.
     #[arg(long)]
     no_hedging: bool,
-    /// Seconds to wait, before the first call, for every expert of the layer to have a
-    /// replica; for a client that starts together with the nodes. 0 does not wait.
+    /// Seconds to wait before the first call until every expert of the layer has a
+    /// replica, for a client that starts together with the nodes. 0 does not wait.
     #[arg(long, default_value_t = 0)]
     wait_secs: u64,
     /// Seconds to wait for the bootstrap peers.
@@ -715,7 +715,7 @@ fn random_request_id() -> anyhow::Result<RequestId> {
     Ok(RequestId::from_bytes(bytes))
 }
 
-/// What `expertnet forward` measured.
+/// The measurements of `expertnet forward`.
 #[derive(Debug, Default, serde::Serialize)]
 struct ForwardReport {
     model_id: String,
@@ -941,8 +941,8 @@ fn print_forward_report(report: &ForwardReport, top_k: usize) {
     }
 }
 
-/// `max |got - want| / max |want|` over one row; absolute when `want` is zero, NaN when
-/// either holds a non-finite value.
+/// Computes `max |got - want| / max |want|` over one row: absolute when `want` is zero,
+/// NaN when either contains a non-finite value.
 fn row_relative_error(got: &[f32], want: &[f32]) -> f32 {
     let mut difference = 0f32;
     let mut scale = 0f32;
@@ -960,7 +960,7 @@ fn row_relative_error(got: &[f32], want: &[f32]) -> f32 {
     }
 }
 
-/// The `q` quantile of `values` by nearest rank; 0 when empty.
+/// Returns the `q` quantile of `values` by nearest rank, or 0 when empty.
 fn percentile(values: &mut [f64], q: f64) -> f64 {
     if values.is_empty() {
         return 0.0;

@@ -394,7 +394,7 @@ mod tests {
             verify_response(&call, vec![wire], &key.verifying_key(), |_, _| None).unwrap_err();
         assert_eq!(error.kind(), "malformed", "{error}");
 
-        // A genuine answer to an earlier request with the same tokens, replayed.
+        // A genuine response to an earlier request with the same tokens, replayed.
         let mut later = call.clone();
         later.request_id = RequestId::from_bytes([6; 16]);
         let error = verify_response(

@@ -138,7 +138,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
     );
     let mut nodes: Vec<Option<RunningNode>> = Vec::new();
     for index in 0..NODES {
-        let spec = replica_spec(index, experts);
+        let spec = crate::network::block_spec("*", index, NODES, experts as usize, 2);
         let node = start_node(&options.checkpoint, &spec, vec![address.clone()]).await?;
         eprintln!(
             "  node {index}     {}  {}  hosts {spec}",
@@ -297,17 +297,6 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
     }
     bootstrap.shutdown().await?;
     Ok(report)
-}
-
-/// The experts of node `index` of four: two consecutive pairs of experts, so that every
-/// expert is hosted by two nodes.
-fn replica_spec(index: usize, experts: u32) -> String {
-    let experts = experts as usize;
-    let group = experts.div_ceil(NODES).max(1);
-    let first = (index * group) % experts;
-    let second = ((index + 1) * group) % experts;
-    let range = |start: usize| format!("*:{start}-{}", (start + group - 1).min(experts - 1));
-    format!("{},{}", range(first), range(second))
 }
 
 async fn start_node(

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use expertnet_model::{Checkpoint, Family, GeneratorOptions, Manifest, generate_checkpoint};
-use expertnet_node::{ExpertSpec, Node, NodeConfig, NodeKey, P2pConfig, RunningNode};
 use expertnet_router::{
     DiscoveryConfig, GenerateOptions, MoeModel, Router, RouterConfig, generate,
 };
@@ -67,30 +66,10 @@ pub async fn run(
             },
         )?;
 
-        // Node i hosts blocks i and i + 1 of the experts, so each expert has two hosts.
-        let block = size.experts / nodes;
-        let mut running: Vec<RunningNode> = Vec::new();
-        for index in 0..nodes {
-            let spec: Vec<String> = [index, (index + 1) % nodes]
-                .iter()
-                .map(|b| format!("*:{}-{}", b * block, b * block + block - 1))
-                .collect();
-            let mut config = NodeConfig::new(dir.path(), spec.join(",").parse::<ExpertSpec>()?);
-            config.threads = Some(1);
-            config.p2p = Some(P2pConfig {
-                bootstrap: running
-                    .first()
-                    .and_then(RunningNode::bootstrap_addr)
-                    .into_iter()
-                    .collect(),
-                ..P2pConfig::default()
-            });
-            running.push(Node::start(config, NodeKey::generate()?).await?);
-        }
-        let bootstrap = running
-            .first()
-            .and_then(RunningNode::bootstrap_addr)
-            .ok_or_else(|| anyhow::anyhow!("the first node has no p2p address"))?;
+        let specs: Vec<String> = (0..nodes)
+            .map(|index| crate::network::block_spec("*", index, nodes, size.experts, 2))
+            .collect();
+        let (running, bootstrap) = crate::network::start_nodes(dir.path(), &specs, 1).await?;
         let mut config = RouterConfig::new(DiscoveryConfig::new(vec![bootstrap]));
         config.seed = Some(1);
         config.spot_check_rate = 0.0;

@@ -14,7 +14,6 @@ use expertnet_model::rng::SplitMix64;
 use expertnet_model::{
     Checkpoint, Family, GeneratorOptions, LocalMoeLayer, Manifest, generate_checkpoint,
 };
-use expertnet_node::{ExpertSpec, Node, NodeConfig, NodeKey, P2pConfig, RunningNode};
 use expertnet_proto::{Digest, ReceiptBody, RequestId};
 use expertnet_router::{DiscoveryConfig, RemoteMoeLayer, Router, RouterConfig};
 use serde::Serialize;
@@ -154,33 +153,13 @@ pub async fn run(options: &LayerBenchOptions) -> anyhow::Result<LayerReport> {
         },
     )?;
 
-    // Node i hosts `replicas` consecutive blocks of experts starting at block i, so every
-    // expert has `replicas` hosts.
-    let block = options.experts / options.nodes;
-    let mut nodes: Vec<RunningNode> = Vec::new();
-    for index in 0..options.nodes {
-        let items: Vec<String> = (0..options.replicas)
-            .map(|r| {
-                let first = ((index + r) % options.nodes) * block;
-                format!("0:{}-{}", first, first + block - 1)
-            })
-            .collect();
-        let mut config = NodeConfig::new(dir.path(), items.join(",").parse::<ExpertSpec>()?);
-        config.threads = Some(options.node_threads);
-        config.p2p = Some(P2pConfig {
-            bootstrap: nodes
-                .first()
-                .and_then(RunningNode::bootstrap_addr)
-                .into_iter()
-                .collect(),
-            ..P2pConfig::default()
-        });
-        nodes.push(Node::start(config, NodeKey::generate()?).await?);
-    }
-    let bootstrap = nodes
-        .first()
-        .and_then(RunningNode::bootstrap_addr)
-        .ok_or_else(|| anyhow::anyhow!("the first node has no p2p address"))?;
+    let specs: Vec<String> = (0..options.nodes)
+        .map(|index| {
+            crate::network::block_spec("0", index, options.nodes, options.experts, options.replicas)
+        })
+        .collect();
+    let (nodes, bootstrap) =
+        crate::network::start_nodes(dir.path(), &specs, options.node_threads).await?;
 
     let mut config = RouterConfig::new(DiscoveryConfig::new(vec![bootstrap]));
     config.seed = Some(1);

@@ -15,5 +15,6 @@ pub mod demo;
 pub mod dht_bench;
 pub mod generate_bench;
 pub mod layer_bench;
+pub mod network;
 pub mod scenario;
 pub mod virtual_time;

@@ -109,7 +109,7 @@ enum Command {
         /// Scenario file, such as sim/scenarios/churn.toml.
         #[arg(long)]
         scenario: PathBuf,
-        /// Where to write the SVG plot of latency with the faults marked
+        /// Output file of the SVG plot of latency with the faults marked
         /// [default: SCENARIO_NAME.svg in the temporary folder].
         #[arg(long)]
         plot: Option<PathBuf>,

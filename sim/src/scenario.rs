@@ -311,18 +311,11 @@ pub async fn run(scenario: &RealScenario, plot: Option<&Path>) -> anyhow::Result
 
     // Slot 0 is the bootstrap node; it hosts expert 0 only, so that it takes part.
     let mut slots: Vec<Slot> = Vec::new();
-    let block = n.experts.div_ceil(n.nodes);
     let mut specs = vec!["*:0".to_owned()];
-    for index in 0..n.nodes {
-        let items: Vec<String> = (0..n.replication)
-            .map(|r| {
-                let first = ((index + r) % n.nodes) * block;
-                let last = (first + block - 1).min(n.experts - 1);
-                format!("*:{first}-{last}")
-            })
-            .collect();
-        specs.push(items.join(","));
-    }
+    specs
+        .extend((0..n.nodes).map(|index| {
+            crate::network::block_spec("*", index, n.nodes, n.experts, n.replication)
+        }));
     let mut bootstrap_addr = None;
     let mut bootstrap_listen = None;
     for spec in specs {

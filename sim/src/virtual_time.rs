@@ -3,7 +3,7 @@
 //!
 //! The policy is the router's own sans-I/O core ([`LayerCall`] and [`PeerBook`]): this
 //! module only models the network. Each modeled node has a base latency drawn from
-//! a log-normal distribution, a per-token cost and a chance of being a straggler; churn
+//! a log-normal distribution, a per-token cost and a chance of being a straggler. Churn
 //! takes nodes down and brings them back. A node that is down fails requests after a
 //! connect timeout, as a refused or dead connection does, and stays listed as a replica,
 //! as a stale DHT record would. Nothing sleeps: time is a number advanced from event to

@@ -511,7 +511,7 @@ impl EventLoop {
         self.provider_queries.retain(|_, t| t != target);
         // A lookup that ends early under load can miss providers it found last time. Keep
         // those whose records were fetched within the cache TTL, so one incomplete
-        // refresh does not hide them; a node that failed was dropped from `records`.
+        // refresh does not hide them. A node that failed was dropped from `records`.
         let mut peers: BTreeSet<PeerId> = lookup.providers.iter().copied().collect();
         if let Target::Layer { model_id, layer } = target
             && let Some(previous) = self.layers.get(&(model_id.clone(), *layer))

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use expertnet_model::{Checkpoint, GeneratorOptions, Manifest, generate_checkpoint};
-use expertnet_node::{ExpertSpec, Node, NodeConfig, NodeKey, P2pConfig, RunningNode};
+use expertnet_node::{FaultConfig, RunningNode};
 use expertnet_router::generate::check_against_reference;
 use expertnet_router::{
     DiscoveryConfig, GenerateOptions, MoeModel, Router, RouterConfig, generate,
@@ -29,27 +29,13 @@ async fn start(
     dir: &std::path::Path,
     specs: &[&str],
 ) -> (Vec<Option<RunningNode>>, libp2p::Multiaddr) {
-    let mut nodes = Vec::new();
-    let mut bootstrap: Option<libp2p::Multiaddr> = None;
-    for spec in specs {
-        let mut config = NodeConfig::new(dir, spec.parse::<ExpertSpec>().unwrap());
-        config.threads = Some(1);
-        config.p2p = Some(P2pConfig {
-            bootstrap: bootstrap.iter().cloned().collect(),
-            ..P2pConfig::default()
-        });
-        let node = Node::start(config, NodeKey::generate().unwrap())
-            .await
-            .unwrap();
-        if bootstrap.is_none() {
-            bootstrap = node.bootstrap_addr();
-        }
-        nodes.push(Some(node));
-    }
-    (nodes, bootstrap.unwrap())
+    let specs: Vec<(&str, FaultConfig)> =
+        specs.iter().map(|&s| (s, FaultConfig::default())).collect();
+    crate::layer::start_nodes(dir, &specs).await
 }
 
-/// A router that has seen `replicas` replicas of every expert of every layer.
+/// Connects a router and waits until it has seen `replicas` replicas of every expert of
+/// every layer.
 async fn router(bootstrap: libp2p::Multiaddr, model_id: &str, replicas: usize) -> Router {
     let mut config = RouterConfig::new(DiscoveryConfig::new(vec![bootstrap]));
     config.seed = Some(3);
@@ -156,7 +142,7 @@ async fn generation_survives_a_node_killed_midway() {
 }
 
 #[test]
-fn generate_names_a_silent_bootstrap_and_a_missing_tensor() {
+fn generate_names_bad_bootstrap_and_tensor() {
     let dir = tempfile::tempdir().unwrap();
     generate_checkpoint(
         dir.path(),

@@ -29,6 +29,33 @@ fn options() -> GeneratorOptions {
     }
 }
 
+/// Starts one node per spec on 127.0.0.1 over the checkpoint in `dir`, each with its
+/// faults; the first node is the bootstrap peer of the others.
+pub(crate) async fn start_nodes(
+    dir: &Path,
+    specs: &[(&str, FaultConfig)],
+) -> (Vec<Option<RunningNode>>, libp2p::Multiaddr) {
+    let mut nodes = Vec::new();
+    let mut bootstrap = None;
+    for (spec, faults) in specs {
+        let mut config = NodeConfig::new(dir, spec.parse::<ExpertSpec>().unwrap());
+        config.threads = Some(1);
+        config.faults = faults.clone();
+        config.p2p = Some(P2pConfig {
+            bootstrap: bootstrap.iter().cloned().collect(),
+            ..P2pConfig::default()
+        });
+        let node = Node::start(config, NodeKey::generate().unwrap())
+            .await
+            .unwrap();
+        if bootstrap.is_none() {
+            bootstrap = node.bootstrap_addr();
+        }
+        nodes.push(Some(node));
+    }
+    (nodes, bootstrap.unwrap())
+}
+
 /// Nodes on 127.0.0.1 joined into one network, the first one the bootstrap peer.
 struct Network {
     dir: tempfile::TempDir,
@@ -41,28 +68,11 @@ impl Network {
     async fn start(specs: &[(&str, FaultConfig)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         generate_checkpoint(dir.path(), &options()).unwrap();
-        let mut nodes = Vec::new();
-        let mut bootstrap = None;
-        for (spec, faults) in specs {
-            let mut config = NodeConfig::new(dir.path(), spec.parse::<ExpertSpec>().unwrap());
-            config.threads = Some(1);
-            config.faults = faults.clone();
-            config.p2p = Some(P2pConfig {
-                bootstrap: bootstrap.iter().cloned().collect(),
-                ..P2pConfig::default()
-            });
-            let node = Node::start(config, NodeKey::generate().unwrap())
-                .await
-                .unwrap();
-            if bootstrap.is_none() {
-                bootstrap = node.bootstrap_addr();
-            }
-            nodes.push(Some(node));
-        }
+        let (nodes, bootstrap) = start_nodes(dir.path(), specs).await;
         Self {
             dir,
             nodes,
-            bootstrap: bootstrap.unwrap(),
+            bootstrap,
         }
     }
 
@@ -82,7 +92,8 @@ impl Network {
         self.nodes[index].take().unwrap().kill();
     }
 
-    /// A router whose replica choice is deterministic: no exploration, fixed seed.
+    /// Returns a router config with deterministic replica choice: no exploration, a
+    /// fixed seed.
     fn config(&self) -> RouterConfig {
         let mut config = RouterConfig::new(DiscoveryConfig::new(vec![self.bootstrap.clone()]));
         config.seed = Some(7);
@@ -159,7 +170,7 @@ fn max_error(remote: &Tensor, local: &Tensor) -> f32 {
     expertnet_model::max_row_relative_error(remote, local).unwrap()
 }
 
-/// Which of two nodes the router tries first when it knows neither: with no exploration,
+/// Returns which of two unmeasured nodes the router tries first: with no exploration,
 /// ties go to the lower peer id.
 fn preferred(network: &Network, a: usize, b: usize) -> (usize, usize) {
     if network.peer(a) < network.peer(b) {
@@ -208,14 +219,14 @@ async fn remote_layer_equals_the_local_layer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_killed_in_the_middle_of_a_call_is_served_around() {
+async fn layer_survives_node_killed_mid_call() {
     let mut network = Network::start(&[
         ("1:*", FaultConfig::default()),
         ("1:*", FaultConfig::default()),
     ])
     .await;
     let (first, _) = preferred(&network, 0, 1);
-    // The first choice holds the request far longer than the test waits before killing it.
+    // The first choice delays the request far longer than the test waits before killing it.
     network.node(first).set_faults(faults("delay=60s"));
     let mut config = network.config();
     config.hedging = false;
@@ -265,8 +276,8 @@ async fn replicas_with_bad_results_are_rejected() {
         ("bad-signature", "bad_signature"),
     ] {
         network.node(bad).set_faults(faults(fault));
-        // Without hedging, the bad node surely answers first; the test is about
-        // rejecting its answer.
+        // Without hedging, the bad node always responds first, because the test is about
+        // rejecting its response.
         let mut config = network.config();
         config.hedging = false;
         let (router, layer) = network.layer(config, 2).await;
@@ -290,7 +301,7 @@ async fn replicas_with_bad_results_are_rejected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spot_checks_catch_a_wrong_output_with_a_valid_signature() {
+async fn spot_check_catches_signed_wrong_output() {
     let network = Network::start(&[
         ("1:*", FaultConfig::default()),
         ("1:*", FaultConfig::default()),
@@ -308,8 +319,8 @@ async fn spot_checks_catch_a_wrong_output_with_a_valid_signature() {
 
     let x = hidden(10, 6);
     let out = layer.forward(&x).await.unwrap();
-    // The checkpoint holds the experts, so the local weights referee and the liar's rows
-    // are replaced by correct ones.
+    // The checkpoint contains the experts, so the local weights referee and the liar's
+    // rows are replaced by correct ones.
     let error = max_error(&out.output, &network.local().forward(&x).unwrap());
     assert!(error < 1e-5, "max relative error {error}");
     assert!(out.trace.spot_check_mismatches > 0, "{:?}", out.trace);
@@ -339,7 +350,7 @@ async fn spot_checks_catch_a_wrong_output_with_a_valid_signature() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_fast_replica_gets_the_traffic() {
+async fn layer_prefers_fast_replica() {
     let network = Network::start(&[
         ("1:*", faults("delay=200ms")),
         ("1:*", FaultConfig::default()),
@@ -370,7 +381,7 @@ async fn the_fast_replica_gets_the_traffic() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expert_with_no_replica_left_falls_back_to_the_next_ranked() {
+async fn layer_falls_back_to_next_ranked_expert() {
     let mut network = Network::start(&[
         ("1:0-6", FaultConfig::default()),
         ("1:7", FaultConfig::default()),
@@ -405,7 +416,7 @@ async fn an_expert_with_no_replica_left_falls_back_to_the_next_ranked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_node_gives_a_deadline_error_or_a_fallback() {
+async fn layer_stalled_node_deadline_or_fallback() {
     let network = Network::start(&[
         ("1:*", FaultConfig::default()),
         ("1:*", FaultConfig::default()),
@@ -435,7 +446,7 @@ async fn a_stalled_node_gives_a_deadline_error_or_a_fallback() {
         other => panic!("expected a deadline error, got {other:?}"),
     }
 
-    // With hedging, the other replica answers in time.
+    // With hedging, the other replica responds in time.
     let mut config = network.config();
     config.deadline = Duration::from_secs(10);
     let (_router, layer) = network.layer(config, 2).await;
@@ -525,7 +536,7 @@ async fn forward_command_reports_error_fallbacks_and_latency() {
         "{report}"
     );
 
-    // No node serves layer 0: every token fails, and the exit code says so.
+    // No node serves layer 0, so every token fails and the exit code is non-zero.
     let output = run(&["--layer", "0", "--tokens", "4", "--deadline", "2000"]).await;
     assert!(!output.status.success(), "{output:?}");
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
