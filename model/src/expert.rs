@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use crate::ModelError;
-use crate::kernels::{SiluMul, SmallBatchMatmul};
+use crate::kernels::{SiluMul, SmallBatchGateUp, SmallBatchMatmul};
 
 /// Arrangement of the matrix products. Both compute the same function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -97,9 +97,7 @@ impl Expert {
         let tokens = x.dims().first().copied().unwrap_or(0);
         if tokens <= self.small_batch_max && self.gate.dtype() == candle_core::DType::F32 {
             let x = x.contiguous()?;
-            let gate = x.apply_op2_no_bwd(&self.gate, &SmallBatchMatmul)?;
-            let up = x.apply_op2_no_bwd(&self.up, &SmallBatchMatmul)?;
-            let activated = gate.apply_op2_no_bwd(&up, &SiluMul)?;
+            let activated = x.apply_op3_no_bwd(&self.gate, &self.up, &SmallBatchGateUp)?;
             return activated.apply_op2_no_bwd(&self.down, &SmallBatchMatmul);
         }
 

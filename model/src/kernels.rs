@@ -10,7 +10,7 @@
 //! (hidden 512 / ffn 1408) and 0.7-1.4 ms instead of 3.2 ms (1024 / 2816); gemm wins from
 //! about 6 tokens, because this kernel's cost grows linearly with the token count.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape};
 use half::f16;
 use rayon::prelude::*;
 
@@ -76,15 +76,7 @@ fn matmul_transposed(x: &[f32], w: &[f32], tokens: usize, m: usize, k: usize) ->
     // Results are produced row-major per weight row ([m, tokens]) so each task writes one
     // contiguous block, then transposed to [tokens, m].
     let mut by_row = vec![0f32; m * tokens];
-    let rows = |(block, out): (usize, &mut [f32])| {
-        let first = block * ROWS_PER_TASK;
-        for (offset, out_row) in out.chunks_exact_mut(tokens).enumerate() {
-            let row = &w[(first + offset) * k..(first + offset + 1) * k];
-            for (t, value) in out_row.iter_mut().enumerate() {
-                *value = dot(row, &x[t * k..(t + 1) * k]);
-            }
-        }
-    };
+    let rows = |(block, out): (usize, &mut [f32])| matmul_block(x, w, tokens, k, block, out);
 
     let block = ROWS_PER_TASK * tokens;
     if m * k * tokens >= PARALLEL_MIN_MACS {
@@ -93,6 +85,111 @@ fn matmul_transposed(x: &[f32], w: &[f32], tokens: usize, m: usize, k: usize) ->
         by_row.chunks_mut(block).enumerate().for_each(&rows);
     }
 
+    transpose_rows(by_row, tokens, m)
+}
+
+/// `silu(x · Gᵀ) * (x · Uᵀ)` for `x` of shape `[tokens, k]` and `G`, `U` of shape `[m, k]`,
+/// all contiguous f32; the result has shape `[tokens, m]`.
+///
+/// The gate and up products of one row are taken in the same task, and the activation is
+/// applied while both results are in registers. Compared with two [`SmallBatchMatmul`]s and
+/// a [`SiluMul`], this saves one parallel region and two intermediate tensors per forward
+/// pass. On the development machine a node's one-token pass of a 512 / 1408 expert went
+/// from about 0.168 ms to 0.154 ms. Back-to-back local passes, whose threads are already
+/// awake, did not change.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SmallBatchGateUp;
+
+impl CustomOp3 for SmallBatchGateUp {
+    fn name(&self) -> &'static str {
+        "small-batch-gate-up"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        gate_storage: &CpuStorage,
+        gate_layout: &Layout,
+        up_storage: &CpuStorage,
+        up_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (tokens, k) = x_layout.shape().dims2()?;
+        let (m, gate_k) = gate_layout.shape().dims2()?;
+        if gate_layout.shape() != up_layout.shape() || k != gate_k {
+            return Err(candle_core::Error::Msg(format!(
+                "small-batch gate-up: input [{tokens}, {k}] does not fit gate {:?} and up {:?}",
+                gate_layout.dims(),
+                up_layout.dims()
+            )));
+        }
+
+        let x = contiguous_f32(x_storage, x_layout, "input")?;
+        let gate = contiguous_f32(gate_storage, gate_layout, "gate weight")?;
+        let up = contiguous_f32(up_storage, up_layout, "up weight")?;
+        let out = gate_up_transposed(x, gate, up, tokens, m, k);
+        Ok((CpuStorage::F32(out), Shape::from((tokens, m))))
+    }
+}
+
+/// Computes `out[t, i] = silu(dot(x[t, :], gate[i, :])) * dot(x[t, :], up[i, :])`.
+fn gate_up_transposed(
+    x: &[f32],
+    gate: &[f32],
+    up: &[f32],
+    tokens: usize,
+    m: usize,
+    k: usize,
+) -> Vec<f32> {
+    let mut by_row = vec![0f32; m * tokens];
+    let rows =
+        |(block, out): (usize, &mut [f32])| gate_up_block(x, gate, up, tokens, k, block, out);
+
+    let block = ROWS_PER_TASK * tokens;
+    if 2 * m * k * tokens >= PARALLEL_MIN_MACS {
+        by_row.par_chunks_mut(block).enumerate().for_each(rows);
+    } else {
+        by_row.chunks_mut(block).enumerate().for_each(&rows);
+    }
+    transpose_rows(by_row, tokens, m)
+}
+
+/// Rows `block * ROWS_PER_TASK ..` of `x · Wᵀ`, written as `[rows, tokens]` into `out`.
+fn matmul_block(x: &[f32], w: &[f32], tokens: usize, k: usize, block: usize, out: &mut [f32]) {
+    let first = block * ROWS_PER_TASK;
+    for (offset, out_row) in out.chunks_exact_mut(tokens).enumerate() {
+        let row = &w[(first + offset) * k..(first + offset + 1) * k];
+        for (t, value) in out_row.iter_mut().enumerate() {
+            *value = dot(row, &x[t * k..(t + 1) * k]);
+        }
+    }
+}
+
+/// Rows `block * ROWS_PER_TASK ..` of `silu(x · Gᵀ) * (x · Uᵀ)`, written as `[rows, tokens]`
+/// into `out`.
+fn gate_up_block(
+    x: &[f32],
+    gate: &[f32],
+    up: &[f32],
+    tokens: usize,
+    k: usize,
+    block: usize,
+    out: &mut [f32],
+) {
+    let first = block * ROWS_PER_TASK;
+    for (offset, out_row) in out.chunks_exact_mut(tokens).enumerate() {
+        let range = (first + offset) * k..(first + offset + 1) * k;
+        let (gate_row, up_row) = (&gate[range.clone()], &up[range]);
+        for (t, value) in out_row.iter_mut().enumerate() {
+            let x_row = &x[t * k..(t + 1) * k];
+            let (g, u) = (dot(gate_row, x_row), dot(up_row, x_row));
+            *value = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+}
+
+/// Turns `[m, tokens]` into `[tokens, m]`.
+fn transpose_rows(by_row: Vec<f32>, tokens: usize, m: usize) -> Vec<f32> {
     if tokens == 1 {
         return by_row;
     }
@@ -239,6 +336,25 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
             let expected = x.matmul(&w.t().unwrap()).unwrap();
             let actual = x.apply_op2_no_bwd(&w, &SmallBatchMatmul).unwrap();
+            assert_eq!(actual.dims(), &[tokens, m]);
+            let error = crate::max_row_relative_error(&actual, &expected).unwrap();
+            assert!(
+                error < 1e-5,
+                "{tokens}x{k} by {m}x{k}: relative error {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn gate_up_matches_separate_products() {
+        for (tokens, m, k) in [(1, 5, 3), (1, 100, 37), (3, 70, 64), (4, 700, 520)] {
+            let x = Tensor::randn(0f32, 1.0, (tokens, k), &Device::Cpu).unwrap();
+            let gate = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+            let up = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+            let g = x.matmul(&gate.t().unwrap()).unwrap();
+            let u = x.matmul(&up.t().unwrap()).unwrap();
+            let expected = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
+            let actual = x.apply_op3_no_bwd(&gate, &up, &SmallBatchGateUp).unwrap();
             assert_eq!(actual.dims(), &[tokens, m]);
             let error = crate::max_row_relative_error(&actual, &expected).unwrap();
             assert!(

@@ -59,6 +59,10 @@ pub struct LatencyRow {
     pub local_input_left_ms: f64,
     /// The small-batch kernel, measured up to 16 tokens.
     pub local_small_batch_ms: Option<f64>,
+    /// The default computation, each call right after an echo round trip, as a node
+    /// computes for a lone client: its weights and threads have had other work between
+    /// calls.
+    pub local_between_calls_ms: f64,
     pub node_ms: f64,
     /// Mean compute time of the node's forward passes during the round-trip measurement.
     pub node_compute_ms: f64,
@@ -71,6 +75,11 @@ impl LatencyRow {
     pub fn overhead_ms(&self) -> f64 {
         self.node_ms - self.local_ms
     }
+
+    /// Node round trip minus the computation done locally between other calls.
+    pub fn overhead_between_calls_ms(&self) -> f64 {
+        self.node_ms - self.local_between_calls_ms
+    }
 }
 
 /// The throughput of concurrent one-token clients against local batched computation.
@@ -81,6 +90,15 @@ pub struct ThroughputRow {
     pub clients: usize,
     pub node_tokens_per_s: f64,
     pub local_batched_tokens_per_s: f64,
+    /// The same clients calling the echo service with the same payload.
+    pub echo_requests_per_s: f64,
+    /// CPU time of the whole process (clients and node) over wall time during the node
+    /// measurement: 2.0 would be both cores of the development machine busy.
+    pub node_cores_busy: f64,
+    /// CPU time of the whole process per token during the node measurement, in µs.
+    pub node_cpu_us_per_token: f64,
+    /// CPU time of the whole process per echo call, in µs.
+    pub echo_cpu_us_per_request: f64,
     pub forward_passes: u64,
     pub requests: u64,
 }
@@ -91,44 +109,72 @@ pub struct BenchReport {
     pub throughput: Vec<ThroughputRow>,
 }
 
+impl ThroughputRow {
+    /// Computes the highest node / local ratio that one gRPC call per token allows. Each
+    /// token then costs the CPU of one echo call plus its share of a local batched pass,
+    /// with no signatures, hashing or queueing.
+    pub fn ceiling_ratio(&self) -> f64 {
+        self.echo_requests_per_s / (self.echo_requests_per_s + self.local_batched_tokens_per_s)
+    }
+}
+
 impl BenchReport {
     /// The report as Markdown tables.
     pub fn to_markdown(&self) -> String {
         let mut out = String::new();
-        out.push_str("| hidden / ffn | batch | local ms | gemm W·xᵀ ms | gemm x·Wᵀ ms | small-batch kernel ms | node round trip ms | node compute ms | echo ms | overhead ms | overhead / echo | (round trip − node compute) / echo |\n");
-        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        out.push_str("| hidden / ffn | batch | local ms | gemm W·xᵀ ms | gemm x·Wᵀ ms | small-batch kernel ms | local between calls ms |\n");
+        out.push_str("|---|---|---|---|---|---|---|\n");
         for row in &self.latency {
             out.push_str(&format!(
-                "| {} / {} | {} | {:.3} | {:.3} | {:.3} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} |\n",
+                "| {} / {} | {} | {:.3} | {:.3} | {:.3} | {} | {:.3} |\n",
                 row.hidden,
                 row.ffn,
                 row.batch,
                 row.local_ms,
                 row.local_weights_left_ms,
                 row.local_input_left_ms,
-                row.local_small_batch_ms.map_or("-".to_owned(), |ms| format!("{ms:.3}")),
+                row.local_small_batch_ms
+                    .map_or("-".to_owned(), |ms| format!("{ms:.3}")),
+                row.local_between_calls_ms,
+            ));
+        }
+        out.push('\n');
+        out.push_str("| hidden / ffn | batch | node round trip ms | node compute ms | echo ms | overhead ms | overhead / echo | overhead between calls / echo | (round trip − node compute) / echo |\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|\n");
+        for row in &self.latency {
+            out.push_str(&format!(
+                "| {} / {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} |\n",
+                row.hidden,
+                row.ffn,
+                row.batch,
                 row.node_ms,
                 row.node_compute_ms,
                 row.echo_ms,
                 row.overhead_ms(),
                 row.overhead_ms() / row.echo_ms,
+                row.overhead_between_calls_ms() / row.echo_ms,
                 (row.node_ms - row.node_compute_ms) / row.echo_ms
             ));
         }
         out.push('\n');
-        out.push_str("| hidden / ffn | clients | node tokens/s | local batched tokens/s | ratio | requests | forward passes |\n");
-        out.push_str("|---|---|---|---|---|---|---|\n");
+        out.push_str("| hidden / ffn | clients | node tokens/s | local batched tokens/s | ratio | echo requests/s | ceiling ratio | requests | forward passes | cores busy | CPU µs per token | CPU µs per echo |\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for row in &self.throughput {
             out.push_str(&format!(
-                "| {} / {} | {} | {:.0} | {:.0} | {:.2} | {} | {} |\n",
+                "| {} / {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {} | {} | {:.2} | {:.0} | {:.0} |\n",
                 row.hidden,
                 row.ffn,
                 row.clients,
                 row.node_tokens_per_s,
                 row.local_batched_tokens_per_s,
                 row.node_tokens_per_s / row.local_batched_tokens_per_s,
+                row.echo_requests_per_s,
+                row.ceiling_ratio(),
                 row.requests,
-                row.forward_passes
+                row.forward_passes,
+                row.node_cores_busy,
+                row.node_cpu_us_per_token,
+                row.echo_cpu_us_per_request
             ));
         }
         out
@@ -245,11 +291,20 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
                 }
                 blocks += 1;
             }
+            // The local pool's threads spin for a while after each computation and would
+            // take cores from node calls right after, so this phase runs on its own.
+            for run in 0..BLOCK * blocks {
+                echo.clone().echo(request.clone()).await?;
+                let t = Instant::now();
+                local_pool.install(|| drop(expert.forward(&x)));
+                samples.local_between.push_if(run >= 2, t.elapsed());
+            }
             let node_compute_ms = (node.metrics().forward_pass_seconds() - pass_seconds) * 1e3
                 / (node.metrics().forward_passes() - passes).max(1) as f64;
 
             let node_ms = samples.node.median_ms();
             let echo_ms = samples.echo.median_ms();
+            let local_between_calls_ms = samples.local_between.median_ms();
 
             let row = LatencyRow {
                 hidden,
@@ -259,6 +314,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
                 local_weights_left_ms,
                 local_input_left_ms,
                 local_small_batch_ms,
+                local_between_calls_ms,
                 node_ms,
                 node_compute_ms,
                 echo_ms,
@@ -271,16 +327,8 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             report.latency.push(row);
         }
 
-        let throughput = concurrent_throughput(
-            &local_pool,
-            options,
-            &expert,
-            &mut client,
-            &model_id,
-            hidden,
-            &node,
-        )
-        .await?;
+        let throughput =
+            concurrent_throughput(&local_pool, options, &expert, &mut client, &echo, &node).await?;
         eprintln!(
             "hidden {hidden} ffn {ffn}: {} clients reach {:.0} tokens/s, local batch of {} {:.0} tokens/s",
             throughput.clients,
@@ -299,10 +347,10 @@ async fn concurrent_throughput(
     options: &BenchOptions,
     expert: &expertnet_model::Expert,
     client: &mut NodeClient,
-    model_id: &str,
-    hidden: usize,
+    echo: &EchoServiceClient<Channel>,
     node: &expertnet_node::RunningNode,
 ) -> anyhow::Result<ThroughputRow> {
+    let (model_id, hidden) = (node.model_id(), expert.hidden_size());
     let clients = options.concurrent_clients;
     let x = Tensor::from_vec(
         SplitMix64::new(2).normal_vec(clients * hidden),
@@ -321,19 +369,7 @@ async fn concurrent_throughput(
     let mut tasks = Vec::with_capacity(clients);
     for index in 0..clients {
         let mut client = client.clone();
-        let call = ForwardCall {
-            request_id: RequestId::from_bytes([index as u8; 16]),
-            model_id: model_id.to_owned(),
-            layer: 0,
-            inputs: vec![ExpertInput {
-                expert: 0,
-                hidden: wire_from_f32(
-                    &SplitMix64::new(index as u64).normal_vec(hidden),
-                    &[1, hidden],
-                    DType::F32,
-                )?,
-            }],
-        };
+        let call = one_token_call(index, model_id, hidden)?;
         tasks.push(tokio::spawn(async move {
             let mut done = 0u64;
             while Instant::now() < stop_at {
@@ -345,19 +381,67 @@ async fn concurrent_throughput(
     }
 
     let started = Instant::now();
+    let cpu_before = process_cpu_seconds();
     let mut requests = 0;
     for task in tasks {
         requests += task.await??;
     }
+    let node_cpu_seconds = process_cpu_seconds() - cpu_before;
     let elapsed = started.elapsed().as_secs_f64();
+
+    // The same clients against the echo service, with a one-token request as payload.
+    let stop_at = Instant::now() + options.concurrent_duration;
+    let mut tasks = Vec::with_capacity(clients);
+    for index in 0..clients {
+        let mut echo = echo.clone();
+        let request = one_token_call(index, model_id, hidden)?.into_wire();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while Instant::now() < stop_at {
+                echo.echo(request.clone()).await?;
+                done += 1;
+            }
+            Ok::<u64, tonic::Status>(done)
+        }));
+    }
+    let echo_started = Instant::now();
+    let cpu_before = process_cpu_seconds();
+    let mut echoes = 0;
+    for task in tasks {
+        echoes += task.await??;
+    }
+    let echo_cpu_seconds = process_cpu_seconds() - cpu_before;
+    let echo_elapsed = echo_started.elapsed().as_secs_f64();
+
     Ok(ThroughputRow {
         hidden,
         ffn: expert.ffn_size(),
         clients,
         node_tokens_per_s: requests as f64 / elapsed,
         local_batched_tokens_per_s,
+        echo_requests_per_s: echoes as f64 / echo_elapsed,
+        node_cores_busy: node_cpu_seconds / elapsed,
+        node_cpu_us_per_token: node_cpu_seconds * 1e6 / requests.max(1) as f64,
+        echo_cpu_us_per_request: echo_cpu_seconds * 1e6 / echoes.max(1) as f64,
         forward_passes: node.metrics().forward_passes() - passes_before,
         requests,
+    })
+}
+
+/// The one-token request of concurrent client `index`.
+fn one_token_call(index: usize, model_id: &str, hidden: usize) -> anyhow::Result<ForwardCall> {
+    Ok(ForwardCall {
+        request_id: RequestId::from_bytes([index as u8; 16]),
+        model_id: model_id.to_owned(),
+        layer: 0,
+        inputs: vec![ExpertInput {
+            expert: 0,
+            hidden: wire_from_f32(
+                &SplitMix64::new(index as u64).normal_vec(hidden),
+                &[1, hidden],
+                DType::F32,
+            )?,
+        }],
     })
 }
 
@@ -406,6 +490,7 @@ impl Series {
 #[derive(Debug, Default)]
 struct Samples {
     node: Series,
+    local_between: Series,
     echo: Series,
 }
 
@@ -447,4 +532,13 @@ async fn start_echo() -> anyhow::Result<EchoServiceClient<Channel>> {
     Ok(EchoServiceClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))
+}
+
+/// CPU time this process has used, user and system, in seconds.
+fn process_cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let seconds = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    getrusage(UsageWho::RUSAGE_SELF).map_or(f64::NAN, |usage| {
+        seconds(usage.user_time()) + seconds(usage.system_time())
+    })
 }

@@ -260,3 +260,36 @@ fn scenario_errors_name_the_value() {
         assert!(stderr.contains(fragment), "{from}: {stderr}");
     }
 }
+
+#[test]
+fn node_benchmark_reports_every_figure() {
+    let output = Command::new(BINARY)
+        .args(["bench", "node", "--sizes", "64x128", "--batches", "1,5"])
+        .args(["--seconds", "0.05", "--json"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+
+    let latency = report["latency"].as_array().unwrap();
+    assert_eq!(latency.len(), 2);
+    for row in latency {
+        for field in ["local_ms", "local_between_calls_ms", "node_ms", "echo_ms"] {
+            let value = row[field].as_f64().unwrap();
+            assert!(
+                value > 0.0 && value.is_finite(),
+                "{field} = {value} in {row}"
+            );
+        }
+    }
+    let throughput = &report["throughput"][0];
+    for field in [
+        "node_tokens_per_s",
+        "local_batched_tokens_per_s",
+        "echo_requests_per_s",
+        "node_cpu_us_per_token",
+    ] {
+        let value = throughput[field].as_f64().unwrap();
+        assert!(value > 0.0 && value.is_finite(), "{field} = {value}");
+    }
+}
