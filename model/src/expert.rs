@@ -95,6 +95,17 @@ impl Expert {
     /// A candle error when `x` has another width or dtype.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let tokens = x.dims().first().copied().unwrap_or(0);
+        if tokens == 0 {
+            // The kernels split work into per-token chunks, which cannot be empty.
+            let (_, width) = x.dims2()?;
+            if width != self.hidden_size() {
+                return Err(candle_core::Error::Msg(format!(
+                    "expert input has width {width}, but the expert's hidden size is {}",
+                    self.hidden_size()
+                )));
+            }
+            return Tensor::zeros((0, width), self.dtype(), x.device());
+        }
         if tokens <= self.small_batch_max && self.gate.dtype() == candle_core::DType::F32 {
             let x = x.contiguous()?;
             let activated = x.apply_op3_no_bwd(&self.gate, &self.up, &SmallBatchGateUp)?;
@@ -238,6 +249,25 @@ mod tests {
                 "{layout:?} {small_batch_max}: relative error {error}"
             );
         }
+    }
+
+    #[test]
+    fn forward_of_no_tokens_is_empty() {
+        let (h, f) = (8, 12);
+        let expert = Expert::new(matrix(f, h, 0.1), matrix(f, h, 0.7), matrix(h, f, 1.3)).unwrap();
+        let empty = Tensor::zeros((0, h), candle_core::DType::F32, &Device::Cpu).unwrap();
+        for layout in [MatmulLayout::WeightsLeft, MatmulLayout::InputLeft] {
+            for small_batch_max in [0, SMALL_BATCH_MAX] {
+                let expert = expert
+                    .clone()
+                    .with_layout(layout)
+                    .with_small_batch_max(small_batch_max);
+                let y = expert.forward(&empty).unwrap();
+                assert_eq!(y.dims(), &[0, h], "{layout:?} {small_batch_max}");
+            }
+        }
+        let wrong_width = Tensor::zeros((0, h + 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(expert.forward(&wrong_width).is_err());
     }
 
     #[test]

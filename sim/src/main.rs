@@ -447,6 +447,12 @@ fn bench_node(
     if !(seconds > 0.0 && seconds <= 60.0) {
         anyhow::bail!("--seconds must be between 0 and 60, got {seconds}");
     }
+    let max_batch = expertnet_node::Limits::default().max_tokens_per_request;
+    if let Some(batch) = batches.iter().find(|&&b| !(1..=max_batch).contains(&b)) {
+        anyhow::bail!(
+            "--batches takes 1 to {max_batch} tokens (a node's default max_tokens_per_request), got {batch}"
+        );
+    }
     let sizes = sizes
         .iter()
         .map(|text| {

@@ -283,6 +283,7 @@ fn node_benchmark_reports_every_figure() {
         }
     }
     let throughput = &report["throughput"][0];
+    assert!(throughput.is_object(), "{report}");
     for field in [
         "node_tokens_per_s",
         "local_batched_tokens_per_s",
@@ -290,6 +291,28 @@ fn node_benchmark_reports_every_figure() {
         "node_cpu_us_per_token",
     ] {
         let value = throughput[field].as_f64().unwrap();
-        assert!(value > 0.0 && value.is_finite(), "{field} = {value}");
+        assert!(value.is_finite(), "{field} = {value}");
+        assert!(value > 0.0, "{field} = {value}");
+    }
+}
+
+#[test]
+fn node_benchmark_rejects_bad_options() {
+    let cases = [
+        (vec!["--batches", "0"], "got 0"),
+        (vec!["--batches", "5000"], "got 5000"),
+        (vec!["--sizes", "64"], "not HIDDENxFFN"),
+        (vec!["--seconds", "0"], "--seconds must be"),
+    ];
+    for (args, fragment) in cases {
+        let output = Command::new(BINARY)
+            .args(["bench", "node"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.contains(fragment), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
