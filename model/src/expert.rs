@@ -5,17 +5,26 @@ use candle_core::Tensor;
 use crate::ModelError;
 use crate::kernels::{SiluMul, SmallBatchGateUp, SmallBatchMatmul};
 
-/// Arrangement of the matrix products. Both compute the same function.
+/// Arrangement of the matrix products. All compute the same function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MatmulLayout {
-    /// `W · xᵀ`, transposed back at the end. On a 2-core AMD EPYC with candle's gemm this
-    /// was 1.4-2.2x faster than [`MatmulLayout::InputLeft`] at batches of 4 to 16 tokens;
-    /// `expertnet-sim bench expert` measures both.
+    /// [`MatmulLayout::WeightsLeft`] below [`INPUT_LEFT_MIN_TOKENS`] tokens and
+    /// [`MatmulLayout::InputLeft`] from there, the faster of the two at each size in
+    /// `expertnet-sim bench node` on a 2-core AMD EPYC with candle 0.11's gemm.
     #[default]
+    Auto,
+    /// `W · xᵀ`, transposed back at the end. It was 1.5-2x faster than
+    /// [`MatmulLayout::InputLeft`] at 16 tokens and about as fast from 128 to 384.
     WeightsLeft,
-    /// `x · Wᵀ`, as `candle_nn::Linear` computes it.
+    /// `x · Wᵀ`, as `candle_nn::Linear` computes it. It was 10-30% faster than
+    /// [`MatmulLayout::WeightsLeft`] at 512 and 1024 tokens.
     InputLeft,
 }
+
+/// From this many tokens [`MatmulLayout::Auto`] computes `x · Wᵀ`.
+// NOTE: measured on one machine kind (2-core AMD EPYC, f32, hidden 512 and 1024); the
+// crossover may lie elsewhere on other CPUs.
+pub const INPUT_LEFT_MIN_TOKENS: usize = 512;
 
 /// One expert's weights in the compute dtype.
 #[derive(Debug, Clone)]
@@ -112,8 +121,13 @@ impl Expert {
             return activated.apply_op2_no_bwd(&self.down, &SmallBatchMatmul);
         }
 
-        match self.layout {
-            MatmulLayout::WeightsLeft => {
+        let layout = match self.layout {
+            MatmulLayout::Auto if tokens >= INPUT_LEFT_MIN_TOKENS => MatmulLayout::InputLeft,
+            MatmulLayout::Auto => MatmulLayout::WeightsLeft,
+            chosen => chosen,
+        };
+        match layout {
+            MatmulLayout::Auto | MatmulLayout::WeightsLeft => {
                 let xt = x.t()?.contiguous()?;
                 let gate = self.gate.matmul(&xt)?;
                 let up = self.up.matmul(&xt)?;
@@ -232,6 +246,7 @@ mod tests {
         let expected = Tensor::from_vec(expected, (tokens, h), &Device::Cpu).unwrap();
 
         let variants = [
+            (MatmulLayout::Auto, 0),
             (MatmulLayout::WeightsLeft, 0),
             (MatmulLayout::InputLeft, 0),
             (MatmulLayout::WeightsLeft, tokens),
@@ -252,11 +267,30 @@ mod tests {
     }
 
     #[test]
+    fn auto_layout_matches_both_layouts_at_large_batches() {
+        let (h, f) = (8, 12);
+        let expert = Expert::new(matrix(f, h, 0.1), matrix(f, h, 0.7), matrix(h, f, 1.3)).unwrap();
+        for tokens in [INPUT_LEFT_MIN_TOKENS - 1, INPUT_LEFT_MIN_TOKENS] {
+            let x = matrix(tokens, h, 2.1);
+            let auto = expert.forward(&x).unwrap();
+            for layout in [MatmulLayout::WeightsLeft, MatmulLayout::InputLeft] {
+                let fixed = expert.clone().with_layout(layout).forward(&x).unwrap();
+                let error = max_row_relative_error(&auto, &fixed).unwrap();
+                assert!(error < 1e-5, "{tokens} tokens, {layout:?}: {error}");
+            }
+        }
+    }
+
+    #[test]
     fn forward_of_no_tokens_is_empty() {
         let (h, f) = (8, 12);
         let expert = Expert::new(matrix(f, h, 0.1), matrix(f, h, 0.7), matrix(h, f, 1.3)).unwrap();
         let empty = Tensor::zeros((0, h), candle_core::DType::F32, &Device::Cpu).unwrap();
-        for layout in [MatmulLayout::WeightsLeft, MatmulLayout::InputLeft] {
+        for layout in [
+            MatmulLayout::Auto,
+            MatmulLayout::WeightsLeft,
+            MatmulLayout::InputLeft,
+        ] {
             for small_batch_max in [0, SMALL_BATCH_MAX] {
                 let expert = expert
                     .clone()

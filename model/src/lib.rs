@@ -35,7 +35,9 @@ use std::path::PathBuf;
 pub use checkpoint::{Checkpoint, TensorRef};
 pub use config::{Family, ModelConfig};
 pub use dense::{DenseModel, KvCache};
-pub use expert::{Expert, MatmulLayout, SMALL_BATCH_MAX, max_row_relative_error};
+pub use expert::{
+    Expert, INPUT_LEFT_MIN_TOKENS, MatmulLayout, SMALL_BATCH_MAX, max_row_relative_error,
+};
 pub use expertnet_proto::Digest;
 pub use generate::{GeneratorOptions, generate_checkpoint};
 pub use manifest::{MANIFEST_FILE, Manifest};

@@ -134,14 +134,17 @@ enum Bench {
     /// Local expert computation against a node round trip and a gRPC echo of the same
     /// payload, and the throughput of concurrent one-token clients.
     Node {
-        /// Seconds per local measurement; round trips take twice this and the concurrent
-        /// clients three times this, against the node and then the echo service.
-        #[arg(long, default_value_t = 1.0)]
+        /// Seconds per local measurement, from 0.01 to 60; round trips take twice this and
+        /// the concurrent clients three times this, against the node and then the echo
+        /// service. The default run takes about a minute.
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         seconds: f64,
-        /// Expert sizes as HIDDENxFFN, comma-separated.
+        /// Expert sizes as HIDDENxFFN, comma-separated: an even hidden size up to 8192 and
+        /// an ffn size up to 32768.
         #[arg(long, default_value = "512x1408,1024x2816", value_delimiter = ',')]
         sizes: Vec<String>,
-        /// Batch sizes in tokens, comma-separated.
+        /// Batch sizes in tokens, comma-separated, from 1 to a node's default
+        /// max_tokens_per_request (1024).
         #[arg(long, default_value = "1,16,128", value_delimiter = ',')]
         batches: Vec<usize>,
         /// Print JSON instead of Markdown.
@@ -444,28 +447,20 @@ fn bench_node(
     batches: Vec<usize>,
     json: bool,
 ) -> anyhow::Result<()> {
-    if !(seconds > 0.0 && seconds <= 60.0) {
-        anyhow::bail!("--seconds must be between 0 and 60, got {seconds}");
+    if !(0.01..=60.0).contains(&seconds) {
+        anyhow::bail!("--seconds must be from 0.01 to 60, got {seconds}");
     }
     let max_batch = expertnet_node::Limits::default().max_tokens_per_request;
     if let Some(batch) = batches.iter().find(|&&b| !(1..=max_batch).contains(&b)) {
         anyhow::bail!(
-            "--batches takes 1 to {max_batch} tokens (a node's default max_tokens_per_request), got {batch}"
+            "--batches takes 1 to {max_batch} tokens (a node's default --max-tokens-per-request), got {batch}"
         );
     }
+    // All sizes are checked before the first one runs, so a typo in the last one does not
+    // cost the results of the others.
     let sizes = sizes
         .iter()
-        .map(|text| {
-            let (hidden, ffn) = text.split_once('x').ok_or_else(|| {
-                anyhow::anyhow!("size {text:?} is not HIDDENxFFN, such as 512x1408")
-            })?;
-            let number = |part: &str| {
-                part.trim().parse::<usize>().map_err(|_| {
-                    anyhow::anyhow!("size {text:?} is not HIDDENxFFN, such as 512x1408")
-                })
-            };
-            Ok((number(hidden)?, number(ffn)?))
-        })
+        .map(|text| parse_expert_size(text))
         .collect::<anyhow::Result<Vec<(usize, usize)>>>()?;
     let options = BenchOptions {
         sizes,
@@ -476,6 +471,22 @@ fn bench_node(
     };
 
     run_and_print(json, bench::run(&options), bench::BenchReport::to_markdown)
+}
+
+/// Parses one `--sizes` entry of `bench node`, such as `512x1408`.
+fn parse_expert_size(text: &str) -> anyhow::Result<(usize, usize)> {
+    let invalid = || {
+        anyhow::anyhow!(
+            "size {text:?} in --sizes is invalid; write HIDDENxFFN, such as 512x1408, with an even hidden size from 2 to 8192 and an ffn size from 1 to 32768"
+        )
+    };
+    let (hidden, ffn) = text.split_once(['x', 'X']).ok_or_else(invalid)?;
+    let hidden: usize = hidden.trim().parse().map_err(|_| invalid())?;
+    let ffn: usize = ffn.trim().parse().map_err(|_| invalid())?;
+    if !(2..=8192).contains(&hidden) || !hidden.is_multiple_of(2) || !(1..=32768).contains(&ffn) {
+        return Err(invalid());
+    }
+    Ok((hidden, ffn))
 }
 
 fn bench_layer(options: layer_bench::LayerBenchOptions, json: bool) -> anyhow::Result<()> {

@@ -301,7 +301,12 @@ fn node_benchmark_rejects_bad_options() {
     let cases = [
         (vec!["--batches", "0"], "got 0"),
         (vec!["--batches", "5000"], "got 5000"),
-        (vec!["--sizes", "64"], "not HIDDENxFFN"),
+        (vec!["--sizes", "64"], "in --sizes is invalid"),
+        (
+            vec!["--sizes", "512x1408,0x0"],
+            "\"0x0\" in --sizes is invalid",
+        ),
+        (vec!["--seconds", "-1"], "got -1"),
         (vec!["--seconds", "0"], "--seconds must be"),
     ];
     for (args, fragment) in cases {
