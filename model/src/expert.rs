@@ -22,7 +22,7 @@ pub enum MatmulLayout {
 }
 
 /// From this many tokens [`MatmulLayout::Auto`] computes `x · Wᵀ`.
-// NOTE: measured on one machine kind (2-core AMD EPYC, f32, hidden 512 and 1024); the
+// NOTE: measured on one machine kind (2-core AMD EPYC, f32, hidden 512 and 1024). The
 // crossover may lie elsewhere on other CPUs.
 pub const INPUT_LEFT_MIN_TOKENS: usize = 512;
 

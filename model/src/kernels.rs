@@ -154,7 +154,8 @@ fn gate_up_transposed(
     transpose_rows(by_row, tokens, m)
 }
 
-/// Rows `block * ROWS_PER_TASK ..` of `x · Wᵀ`, written as `[rows, tokens]` into `out`.
+/// Computes rows `block * ROWS_PER_TASK ..` of `x · Wᵀ` into `out`, laid out as
+/// `[rows, tokens]`.
 fn matmul_block(x: &[f32], w: &[f32], tokens: usize, k: usize, block: usize, out: &mut [f32]) {
     let first = block * ROWS_PER_TASK;
     for (offset, out_row) in out.chunks_exact_mut(tokens).enumerate() {
@@ -165,8 +166,8 @@ fn matmul_block(x: &[f32], w: &[f32], tokens: usize, k: usize, block: usize, out
     }
 }
 
-/// Rows `block * ROWS_PER_TASK ..` of `silu(x · Gᵀ) * (x · Uᵀ)`, written as `[rows, tokens]`
-/// into `out`.
+/// Computes rows `block * ROWS_PER_TASK ..` of `silu(x · Gᵀ) * (x · Uᵀ)` into `out`, laid
+/// out as `[rows, tokens]`.
 fn gate_up_block(
     x: &[f32],
     gate: &[f32],
@@ -188,7 +189,7 @@ fn gate_up_block(
     }
 }
 
-/// Turns `[m, tokens]` into `[tokens, m]`.
+/// Transposes `[m, tokens]` into `[tokens, m]`.
 fn transpose_rows(by_row: Vec<f32>, tokens: usize, m: usize) -> Vec<f32> {
     if tokens == 1 {
         return by_row;

@@ -59,9 +59,8 @@ pub struct LatencyRow {
     pub local_input_left_ms: f64,
     /// The small-batch kernel, measured up to 16 tokens.
     pub local_small_batch_ms: Option<f64>,
-    /// The default computation, each call right after an echo round trip, as a node
-    /// computes for a lone client: its weights and threads have had other work between
-    /// calls.
+    /// The default computation, each call right after an echo round trip. A node serving a
+    /// lone client computes like this, with other work between calls.
     pub local_between_calls_ms: f64,
     pub node_ms: f64,
     /// Mean compute time of the node's forward passes during the round-trip measurement.
@@ -93,7 +92,7 @@ pub struct ThroughputRow {
     /// The same clients calling the echo service with the same payload.
     pub echo_requests_per_s: f64,
     /// CPU time of the whole process (clients and node) over wall time during the node
-    /// measurement: 2.0 would be both cores of the development machine busy.
+    /// measurement, in cores. On a 2-core machine, 2.0 means both cores were busy.
     pub node_cores_busy: f64,
     /// CPU time of the whole process per token during the node measurement, in µs.
     pub node_cpu_us_per_token: f64,
@@ -432,8 +431,8 @@ async fn concurrent_throughput(
         local_batched_tokens_per_s,
         echo_requests_per_s: echoes as f64 / echo_elapsed,
         node_cores_busy: node_cpu_seconds / elapsed,
-        node_cpu_us_per_token: node_cpu_seconds * 1e6 / requests.max(1) as f64,
-        echo_cpu_us_per_request: echo_cpu_seconds * 1e6 / echoes.max(1) as f64,
+        node_cpu_us_per_token: node_cpu_seconds * 1e6 / requests as f64,
+        echo_cpu_us_per_request: echo_cpu_seconds * 1e6 / echoes as f64,
         forward_passes: node.metrics().forward_passes() - passes_before,
         requests,
     })

@@ -134,9 +134,9 @@ enum Bench {
     /// Local expert computation against a node round trip and a gRPC echo of the same
     /// payload, and the throughput of concurrent one-token clients.
     Node {
-        /// Seconds per local measurement, from 0.01 to 60; round trips take twice this and
-        /// the concurrent clients three times this, against the node and then the echo
-        /// service. The default run takes about a minute.
+        /// Seconds per local measurement, from 0.01 to 60. Round trips take twice this, and
+        /// the concurrent clients three times this against the node and again against the
+        /// echo service. The default run takes about a minute.
         #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         seconds: f64,
         /// Expert sizes as HIDDENxFFN, comma-separated: an even hidden size up to 8192 and
