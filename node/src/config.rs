@@ -25,8 +25,8 @@ pub struct Limits {
     pub max_batch_tokens: usize,
     /// How long an expert's first queued request waits for more before a pass that is not
     /// full. Default 0, which adapts: a pass starts at once, requests that arrive during it
-    /// are batched into the next one, and under concurrent load a pass waits up to half a
-    /// pass duration (at most 2 ms) for requests on their way.
+    /// are batched into the next one, and under concurrent load a pass waits for the callers
+    /// of the last pass to send again, up to one pass duration (at most 5 ms).
     pub batch_wait: Duration,
 }
 
