@@ -79,6 +79,18 @@ pub struct ModelConfig {
     pub num_key_value_heads: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
+    /// Biases on the query, key, value and output projections (Qwen3-MoE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    /// Biases on the query, key and value projections (Qwen2-MoE); true when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qkv_bias: Option<bool>,
+    /// Rotary scaling settings such as YaRN, which the client-side forward pass lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Sliding-window attention (Qwen-MoE), which the client-side forward pass lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
     #[serde(default = "default_rope_theta")]

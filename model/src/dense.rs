@@ -1,10 +1,11 @@
 //! The dense part of a Mixtral-architecture transformer, which the client runs: token
 //! embeddings, RMSNorm, attention with rotary embeddings, grouped-query heads and a KV
-//! cache, and the LM head. The MoE blocks are left to the caller, local or remote.
+//! cache, Qwen2-MoE's shared expert, and the LM head. The routed experts of the MoE blocks
+//! are left to the caller, local or remote.
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::{Checkpoint, Family, ModelConfig, ModelError};
+use crate::{Checkpoint, Expert, Family, ModelConfig, ModelError};
 
 /// The weights of one decoder layer outside its MoE block.
 #[derive(Debug, Clone)]
@@ -14,10 +15,26 @@ struct DenseLayer {
     k: Tensor,
     v: Tensor,
     o: Tensor,
+    /// Biases of the query, key, value and output projections (Qwen2-MoE has the first
+    /// three, Qwen3-MoE with `attention_bias` all four).
+    q_bias: Option<Tensor>,
+    k_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+    o_bias: Option<Tensor>,
     /// Per-head RMSNorm of queries and keys (Qwen3-MoE).
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     post_norm: Tensor,
+    shared_expert: Option<SharedExpert>,
+}
+
+/// Qwen2-MoE's shared expert: a SwiGLU MLP that every token passes through, scaled by a
+/// sigmoid gate and added to the routed experts' output.
+#[derive(Debug, Clone)]
+struct SharedExpert {
+    mlp: Expert,
+    /// `[1, hidden]`.
+    gate: Tensor,
 }
 
 /// Keys and values of the positions seen so far, per layer, `[1, kv_heads, positions,
@@ -58,17 +75,33 @@ impl DenseModel {
     /// Expert weights are not read.
     ///
     /// # Errors
-    /// [`ModelError::Unsupported`] for families other than Mixtral and Qwen3-MoE or for a
-    /// dense MLP layer, and the errors of reading tensors, such as
+    /// [`ModelError::Unsupported`] for families other than Mixtral, Qwen2-MoE and Qwen3-MoE
+    /// or for a dense MLP layer, and the errors of reading tensors, such as
     /// [`ModelError::MissingTensor`] with the tensor's name.
     pub fn load(checkpoint: &Checkpoint) -> Result<Self, ModelError> {
         let config = checkpoint.config().clone();
         let family = checkpoint.family();
-        if !matches!(family, Family::Mixtral | Family::Qwen3Moe) {
+        if !matches!(
+            family,
+            Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe
+        ) {
             return Err(ModelError::Unsupported(format!(
-                "the client-side forward pass supports Mixtral and Qwen3-MoE checkpoints, not model_type {:?}",
+                "the client-side forward pass supports Mixtral, Qwen2-MoE and Qwen3-MoE checkpoints, not model_type {:?}",
                 config.model_type
             )));
+        }
+        if let Some(scaling) = config.rope_scaling.as_ref().filter(|s| !s.is_null()) {
+            return Err(ModelError::Unsupported(format!(
+                "config.json sets rope_scaling to {scaling}; the client-side forward pass has only \
+                 plain rotary embeddings, so it cannot run this checkpoint"
+            )));
+        }
+        if config.use_sliding_window == Some(true) {
+            return Err(ModelError::Unsupported(
+                "config.json sets use_sliding_window to true; the client-side forward pass has \
+                 only full attention, so it cannot run this checkpoint"
+                    .to_owned(),
+            ));
         }
         if let Some(layer) = (0..config.num_hidden_layers).find(|&l| !config.is_moe_layer(l)) {
             return Err(ModelError::Unsupported(format!(
@@ -85,12 +118,50 @@ impl DenseModel {
                 .load(DType::F32, &Device::Cpu)
         };
 
+        let all_biases = config.attention_bias == Some(true);
+        let qkv_bias = (family == Family::Qwen2Moe && config.qkv_bias != Some(false)) || all_biases;
+        let o_bias = all_biases && family != Family::Qwen2Moe;
+        let shared_ffn = match (family, config.shared_expert_intermediate_size) {
+            (Family::Qwen2Moe, Some(0) | None) => {
+                return Err(ModelError::Unsupported(
+                    "a qwen2_moe config needs shared_expert_intermediate_size above 0 for the shared expert"
+                        .to_owned(),
+                ));
+            }
+            (Family::Qwen2Moe, Some(width)) => Some(width),
+            _ => None,
+        };
+
         let embed = load("model.embed_tokens.weight", &[config.vocab_size, hidden])?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for layer in 0..config.num_hidden_layers {
             let p = format!("model.layers.{layer}");
             let qk_norm = family == Family::Qwen3Moe;
+            let bias = |on: bool, name: &str, width: usize| {
+                on.then(|| load(&format!("{p}.self_attn.{name}.bias"), &[width]))
+                    .transpose()
+            };
+            let shared_expert = shared_ffn
+                .map(|ffn| -> Result<SharedExpert, ModelError> {
+                    let mlp = |name: &str, shape: &[usize]| {
+                        load(&format!("{p}.mlp.shared_expert.{name}.weight"), shape)
+                    };
+                    Ok(SharedExpert {
+                        mlp: Expert::new(
+                            mlp("gate_proj", &[ffn, hidden])?,
+                            mlp("up_proj", &[ffn, hidden])?,
+                            mlp("down_proj", &[hidden, ffn])?,
+                        )?,
+                        gate: load(&format!("{p}.mlp.shared_expert_gate.weight"), &[1, hidden])?,
+                    })
+                })
+                .transpose()?;
             layers.push(DenseLayer {
+                q_bias: bias(qkv_bias, "q_proj", heads * head_dim)?,
+                k_bias: bias(qkv_bias, "k_proj", kv_heads * head_dim)?,
+                v_bias: bias(qkv_bias, "v_proj", kv_heads * head_dim)?,
+                o_bias: bias(o_bias, "o_proj", hidden)?,
+                shared_expert,
                 input_norm: load(&format!("{p}.input_layernorm.weight"), &[hidden])?,
                 q: load(
                     &format!("{p}.self_attn.q_proj.weight"),
@@ -193,17 +264,20 @@ impl DenseModel {
         let offset = cache.layers[layer].as_ref().map_or(0, |(k, _)| k.dims()[2]);
 
         let normed = candle_nn::ops::rms_norm(x, &weights.input_norm, eps)?;
-        let project = |w: &Tensor, n_heads: usize| -> candle_core::Result<Tensor> {
-            normed
-                .matmul(&w.t()?)?
-                .reshape((tokens, n_heads, head_dim))?
-                .transpose(0, 1)?
-                .unsqueeze(0)?
-                .contiguous()
-        };
-        let mut q = project(&weights.q, heads)?;
-        let mut k = project(&weights.k, kv_heads)?;
-        let v = project(&weights.v, kv_heads)?;
+        let project =
+            |w: &Tensor, bias: &Option<Tensor>, n_heads: usize| -> candle_core::Result<Tensor> {
+                let mut y = normed.matmul(&w.t()?)?;
+                if let Some(bias) = bias {
+                    y = y.broadcast_add(bias)?;
+                }
+                y.reshape((tokens, n_heads, head_dim))?
+                    .transpose(0, 1)?
+                    .unsqueeze(0)?
+                    .contiguous()
+            };
+        let mut q = project(&weights.q, &weights.q_bias, heads)?;
+        let mut k = project(&weights.k, &weights.k_bias, kv_heads)?;
+        let v = project(&weights.v, &weights.v_bias, kv_heads)?;
         if let (Some(q_norm), Some(k_norm)) = (&weights.q_norm, &weights.k_norm) {
             q = candle_nn::ops::rms_norm(&q, q_norm, eps)?;
             k = candle_nn::ops::rms_norm(&k, k_norm, eps)?;
@@ -253,9 +327,36 @@ impl DenseModel {
             .squeeze(0)?
             .transpose(0, 1)?
             .reshape((tokens, heads * head_dim))?;
-        let residual = (x + attended.matmul(&weights.o.t()?)?)?;
+        let mut projected = attended.matmul(&weights.o.t()?)?;
+        if let Some(bias) = &weights.o_bias {
+            projected = projected.broadcast_add(bias)?;
+        }
+        let residual = (x + projected)?;
         let moe_input = candle_nn::ops::rms_norm(&residual, &weights.post_norm, eps)?;
         Ok((residual, moe_input))
+    }
+
+    /// Computes the shared expert's part of layer `layer`'s MoE block for `moe_input`
+    /// (`[tokens, hidden]`, from [`DenseModel::attention`]): `sigmoid(x · gateᵀ) * mlp(x)`,
+    /// to add to the routed experts' output. `None` for families without a shared expert.
+    ///
+    /// # Errors
+    /// Candle errors on shape mismatches; `layer` must be below the layer count.
+    pub fn shared_expert(
+        &self,
+        layer: usize,
+        moe_input: &Tensor,
+    ) -> Result<Option<Tensor>, ModelError> {
+        let weights = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| ModelError::Unsupported(format!("layer {layer} does not exist")))?;
+        let Some(shared) = &weights.shared_expert else {
+            return Ok(None);
+        };
+        let scale = candle_nn::ops::sigmoid(&moe_input.matmul(&shared.gate.t()?)?)?;
+        let output = shared.mlp.forward(moe_input)?.broadcast_mul(&scale)?;
+        Ok(Some(output))
     }
 
     /// Computes the logits of every row of `x` (`[tokens, hidden]`), `[tokens, vocab]`.
@@ -321,4 +422,136 @@ pub fn sample(logits: &[f32], temperature: f32, uniform: f32) -> u32 {
 pub fn last_row(logits: &Tensor) -> Result<Vec<f32>, ModelError> {
     let (tokens, _) = logits.dims2()?;
     Ok(logits.get(tokens.saturating_sub(1))?.to_vec1::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GeneratorOptions, generate_checkpoint, max_row_relative_error};
+
+    fn qwen2_moe() -> (tempfile::TempDir, Checkpoint) {
+        tiny(Family::Qwen2Moe)
+    }
+
+    fn tiny(family: Family) -> (tempfile::TempDir, Checkpoint) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = GeneratorOptions {
+            family,
+            layers: 1,
+            experts: 4,
+            hidden: 16,
+            ffn: 24,
+            vocab: 8,
+            heads: 4,
+            kv_heads: 2,
+            ..GeneratorOptions::default()
+        };
+        let checkpoint = generate_checkpoint(dir.path(), &options).unwrap();
+        (dir, checkpoint)
+    }
+
+    fn load(checkpoint: &Checkpoint, name: &str) -> Tensor {
+        checkpoint
+            .tensor(name)
+            .unwrap()
+            .load(DType::F32, &Device::Cpu)
+            .unwrap()
+    }
+
+    #[test]
+    fn shared_expert_is_gated_swiglu() {
+        let (_dir, checkpoint) = qwen2_moe();
+        let model = DenseModel::load(&checkpoint).unwrap();
+        let mut rng = crate::rng::SplitMix64::new(9);
+        let x = Tensor::from_vec(rng.normal_vec(3 * 16), (3, 16), &Device::Cpu).unwrap();
+
+        let p = "model.layers.0.mlp";
+        let mlp = Expert::new(
+            load(&checkpoint, &format!("{p}.shared_expert.gate_proj.weight")),
+            load(&checkpoint, &format!("{p}.shared_expert.up_proj.weight")),
+            load(&checkpoint, &format!("{p}.shared_expert.down_proj.weight")),
+        )
+        .unwrap();
+        let gate = load(&checkpoint, &format!("{p}.shared_expert_gate.weight"));
+        let y = mlp.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let logits = x
+            .matmul(&gate.t().unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let expected: Vec<f32> = y
+            .iter()
+            .zip(&logits)
+            .flat_map(|(row, logit)| {
+                let scale = 1.0 / (1.0 + (-logit[0]).exp());
+                row.iter().map(move |v| v * scale)
+            })
+            .collect();
+        let expected = Tensor::from_vec(expected, (3, 16), &Device::Cpu).unwrap();
+
+        let got = model.shared_expert(0, &x).unwrap().unwrap();
+        assert!(max_row_relative_error(&got, &expected).unwrap() < 1e-5);
+    }
+
+    /// At the first position a token attends only to itself, so attention returns its value
+    /// projection, bias included, through the output projection.
+    #[test]
+    fn first_position_attention_adds_value_bias() {
+        let (_dir, checkpoint) = qwen2_moe();
+        let model = DenseModel::load(&checkpoint).unwrap();
+        let config = model.config().clone();
+        let mut rng = crate::rng::SplitMix64::new(4);
+        let x = Tensor::from_vec(rng.normal_vec(16), (1, 16), &Device::Cpu).unwrap();
+
+        let p = "model.layers.0";
+        let norm = load(&checkpoint, &format!("{p}.input_layernorm.weight"));
+        let normed = candle_nn::ops::rms_norm(&x, &norm, config.rms_norm_eps as f32).unwrap();
+        let v = normed
+            .matmul(
+                &load(&checkpoint, &format!("{p}.self_attn.v_proj.weight"))
+                    .t()
+                    .unwrap(),
+            )
+            .unwrap()
+            .broadcast_add(&load(&checkpoint, &format!("{p}.self_attn.v_proj.bias")))
+            .unwrap();
+        // Each of the 2 key/value heads of width 4 serves 2 of the 4 query heads.
+        let v = v.reshape((2, 1, 4)).unwrap();
+        let attended = Tensor::cat(&[&v, &v], 1).unwrap().reshape((1, 16)).unwrap();
+        let o = load(&checkpoint, &format!("{p}.self_attn.o_proj.weight"));
+        let expected = (&x + attended.matmul(&o.t().unwrap()).unwrap()).unwrap();
+
+        let mut cache = model.new_cache();
+        let (residual, _) = model.attention(0, &x, &mut cache).unwrap();
+        assert!(max_row_relative_error(&residual, &expected).unwrap() < 1e-5);
+    }
+
+    #[test]
+    fn unsupported_attention_settings_are_named() {
+        for (field, value) in [
+            ("use_sliding_window", serde_json::json!(true)),
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "yarn", "factor": 4.0}),
+            ),
+        ] {
+            let (dir, _) = qwen2_moe();
+            let path = dir.path().join("config.json");
+            let mut config: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            config[field] = value;
+            std::fs::write(&path, config.to_string()).unwrap();
+
+            let error = DenseModel::load(&Checkpoint::open(dir.path()).unwrap()).unwrap_err();
+            assert!(error.to_string().contains(field), "{error}");
+        }
+    }
+
+    #[test]
+    fn mixtral_has_no_shared_expert() {
+        let (_dir, checkpoint) = tiny(Family::Mixtral);
+        let model = DenseModel::load(&checkpoint).unwrap();
+        let x = Tensor::zeros((1, 16), DType::F32, &Device::Cpu).unwrap();
+        assert!(model.shared_expert(0, &x).unwrap().is_none());
+    }
 }

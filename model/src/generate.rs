@@ -19,7 +19,7 @@ use crate::{Checkpoint, Family, Manifest, ModelError};
 /// generates in well under a second.
 #[derive(Debug, Clone)]
 pub struct GeneratorOptions {
-    /// [`Family::Mixtral`] or [`Family::Qwen3Moe`].
+    /// [`Family::Mixtral`], [`Family::Qwen2Moe`] or [`Family::Qwen3Moe`].
     pub family: Family,
     pub layers: usize,
     pub experts: usize,
@@ -191,9 +191,12 @@ fn check_size(specs: &[TensorSpec], options: &GeneratorOptions) -> Result<(), Mo
 
 fn validate(options: &GeneratorOptions) -> Result<(), ModelError> {
     let invalid = |reason: String| Err(ModelError::Generate { reason });
-    if !matches!(options.family, Family::Mixtral | Family::Qwen3Moe) {
+    if !matches!(
+        options.family,
+        Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe
+    ) {
         return invalid(format!(
-            "layout {} cannot be generated; use mixtral or qwen3-moe",
+            "layout {} cannot be generated; use mixtral, qwen2-moe or qwen3-moe",
             options.family.model_type()
         ));
     }
@@ -284,6 +287,19 @@ fn tensor_specs(options: &GeneratorOptions) -> Vec<TensorSpec> {
             vec![hidden, q_width],
             std_in(q_width),
         );
+        if family == Family::Qwen2Moe {
+            for (name, width) in [
+                ("q_proj", q_width),
+                ("k_proj", kv_width),
+                ("v_proj", kv_width),
+            ] {
+                add(
+                    format!("{prefix}.self_attn.{name}.bias"),
+                    vec![width],
+                    Fill::Random { std: 0.1 },
+                );
+            }
+        }
         if family == Family::Qwen3Moe {
             add(
                 format!("{prefix}.self_attn.q_norm.weight"),
@@ -306,6 +322,26 @@ fn tensor_specs(options: &GeneratorOptions) -> Vec<TensorSpec> {
             vec![options.experts, hidden],
             std_in(hidden),
         );
+        if family == Family::Qwen2Moe {
+            let shared_ffn = shared_expert_ffn(options);
+            for role in ExpertRole::ALL {
+                let (name, fan_in) = match role {
+                    ExpertRole::Gate => ("gate_proj", hidden),
+                    ExpertRole::Up => ("up_proj", hidden),
+                    ExpertRole::Down => ("down_proj", shared_ffn),
+                };
+                add(
+                    format!("{prefix}.mlp.shared_expert.{name}.weight"),
+                    role.shape(hidden, shared_ffn).to_vec(),
+                    std_in(fan_in),
+                );
+            }
+            add(
+                format!("{prefix}.mlp.shared_expert_gate.weight"),
+                vec![1, hidden],
+                std_in(hidden),
+            );
+        }
         for expert in 0..options.experts {
             for role in ExpertRole::ALL {
                 let fan_in = match role {
@@ -493,6 +529,12 @@ fn torch_dtype(dtype: DType) -> &'static str {
     }
 }
 
+/// Width of Qwen2-MoE's shared expert: as wide as the routed experts a token passes through,
+/// as in Qwen1.5-MoE-A2.7B (4 x 1408 = 5632).
+fn shared_expert_ffn(options: &GeneratorOptions) -> usize {
+    options.ffn * options.top_k
+}
+
 fn config_json(options: &GeneratorOptions) -> serde_json::Value {
     let head_dim = options.hidden / options.heads;
     let common = json!({
@@ -522,6 +564,19 @@ fn config_json(options: &GeneratorOptions) -> serde_json::Value {
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
             "attention_bias": false,
+            "rope_theta": 1_000_000.0,
+        }),
+        Family::Qwen2Moe => json!({
+            "architectures": ["Qwen2MoeForCausalLM"],
+            "model_type": "qwen2_moe",
+            "intermediate_size": shared_expert_ffn(options),
+            "moe_intermediate_size": options.ffn,
+            "shared_expert_intermediate_size": shared_expert_ffn(options),
+            "num_experts": options.experts,
+            "norm_topk_prob": false,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "use_sliding_window": false,
             "rope_theta": 1_000_000.0,
         }),
         _ => json!({

@@ -12,7 +12,8 @@ use crate::{Checkpoint, Expert, ModelError};
 
 /// The routed experts of one MoE layer with their gate, in f32.
 ///
-/// NOTE: Qwen2-MoE's shared expert is dense and not routed; callers add it themselves.
+/// Qwen2-MoE's shared expert is not part of it: it is dense, and
+/// [`crate::DenseModel::shared_expert`] computes it.
 #[derive(Debug, Clone)]
 pub struct LocalMoeLayer {
     layer: u32,

@@ -5,7 +5,7 @@
 use candle_core::{DType as CandleDType, Device, Tensor};
 use expertnet_model::layout::{ExpertRole, expert_tensor_name};
 use expertnet_model::{
-    Checkpoint, Family, GeneratorOptions, Manifest, ModelError, generate_checkpoint,
+    Checkpoint, DenseModel, Family, GeneratorOptions, Manifest, ModelError, generate_checkpoint,
     max_row_relative_error,
 };
 use expertnet_proto::DType;
@@ -50,6 +50,28 @@ fn generated_mixtral_checkpoint_opens() {
     manifest.check_config(&checkpoint).unwrap();
     manifest.verify_expert(&checkpoint, 1, 3).unwrap();
     assert!(manifest.model_id().starts_with("mixtral-"));
+}
+
+#[test]
+fn qwen2_moe_layout_has_shared_expert() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = generate_checkpoint(dir.path(), &small(Family::Qwen2Moe, DType::F32)).unwrap();
+    assert_eq!(checkpoint.family(), Family::Qwen2Moe);
+    assert!(checkpoint.has_tensor("model.layers.0.mlp.experts.2.gate_proj.weight"));
+    assert!(checkpoint.has_tensor("model.layers.1.self_attn.q_proj.bias"));
+    assert!(checkpoint.has_tensor("model.layers.1.mlp.shared_expert.down_proj.weight"));
+    assert!(checkpoint.has_tensor("model.layers.1.mlp.shared_expert_gate.weight"));
+    assert_eq!(
+        checkpoint.config().norm_topk_prob,
+        Some(false),
+        "qwen2_moe keeps the softmax weights of the top k"
+    );
+
+    // The manifest covers the routed experts; the shared expert is part of the dense model.
+    let manifest = Manifest::load(&Manifest::path_in(dir.path())).unwrap();
+    manifest.verify_expert(&checkpoint, 1, 3).unwrap();
+    assert!(manifest.model_id().starts_with("qwen2_moe-"));
+    assert!(DenseModel::load(&checkpoint).is_ok());
 }
 
 #[test]

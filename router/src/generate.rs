@@ -139,6 +139,9 @@ impl MoeModel {
             };
             stats.moe += started.elapsed();
             x = (residual + moe_output)?;
+            if let Some(shared) = self.dense.shared_expert(layer, &moe_input)? {
+                x = (x + shared)?;
+            }
         }
         Ok((self.dense.logits(&x)?, stats))
     }

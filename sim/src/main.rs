@@ -39,6 +39,7 @@ struct Cli {
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Layout {
     Mixtral,
+    Qwen2Moe,
     Qwen3Moe,
 }
 
@@ -259,6 +260,7 @@ fn main() -> ExitCode {
             let options = GeneratorOptions {
                 family: match layout {
                     Layout::Mixtral => Family::Mixtral,
+                    Layout::Qwen2Moe => Family::Qwen2Moe,
                     Layout::Qwen3Moe => Family::Qwen3Moe,
                 },
                 layers,

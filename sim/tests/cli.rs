@@ -73,6 +73,21 @@ fn make_checkpoint_writes_qwen3_moe_shards() {
 }
 
 #[test]
+fn make_checkpoint_writes_qwen2_moe() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qwen2");
+    let output = Command::new(BINARY)
+        .args(["make-checkpoint", "--layout", "qwen2-moe", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let checkpoint = Checkpoint::open(&out).unwrap();
+    assert_eq!(checkpoint.family(), Family::Qwen2Moe);
+    assert!(checkpoint.has_tensor("model.layers.0.mlp.shared_expert_gate.weight"));
+}
+
+#[test]
 fn bad_options_are_explained() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [

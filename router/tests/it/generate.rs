@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use expertnet_model::{Checkpoint, GeneratorOptions, Manifest, generate_checkpoint};
+use expertnet_model::{Checkpoint, Family, GeneratorOptions, Manifest, generate_checkpoint};
 use expertnet_node::{FaultConfig, RunningNode};
 use expertnet_router::generate::check_against_reference;
 use expertnet_router::{
@@ -61,8 +61,22 @@ async fn router(bootstrap: libp2p::Multiaddr, model_id: &str, replicas: usize) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_generation_matches_the_local_reference() {
+    greedy_generation_matches(Family::Mixtral, 16).await;
+}
+
+/// Qwen2-MoE adds attention biases and a shared expert, which the client computes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen2_moe_generation_matches_the_local_reference() {
+    greedy_generation_matches(Family::Qwen2Moe, 8).await;
+}
+
+async fn greedy_generation_matches(family: Family, tokens: usize) {
     let dir = tempfile::tempdir().unwrap();
-    generate_checkpoint(dir.path(), &options()).unwrap();
+    let options = GeneratorOptions {
+        family,
+        ..options()
+    };
+    generate_checkpoint(dir.path(), &options).unwrap();
     let (nodes, bootstrap) = start(dir.path(), &["*:0-1", "*:2-3", "*:*"]).await;
     let checkpoint = Checkpoint::open(dir.path()).unwrap();
     let manifest = Manifest::load(&Manifest::path_in(dir.path())).unwrap();
@@ -71,7 +85,7 @@ async fn greedy_generation_matches_the_local_reference() {
     let remote = MoeModel::remote(&router, &checkpoint, &manifest).unwrap();
     let local = MoeModel::local(&checkpoint).unwrap();
     let settings = GenerateOptions {
-        max_new_tokens: 16,
+        max_new_tokens: tokens,
         temperature: 0.0,
         seed: 1,
     };
@@ -81,18 +95,18 @@ async fn greedy_generation_matches_the_local_reference() {
         .await
         .unwrap();
     assert_eq!(streamed, network.tokens);
-    assert_eq!(network.tokens.len(), 16);
+    assert_eq!(network.tokens.len(), tokens);
 
     let check = check_against_reference(&local, &network, 1e-4)
         .await
         .unwrap();
     assert!(check.passed(1e-4), "{check:?}");
-    assert_eq!(check.positions, 16);
+    assert_eq!(check.positions, tokens);
     // Run free, the reference picks the same tokens.
     let reference = generate(&local, &prompt, &settings, |_| {}).await.unwrap();
     assert_eq!(reference.tokens, network.tokens);
     // Every pass went through both MoE layers on the network.
-    assert_eq!(network.traces.len(), 32);
+    assert_eq!(network.traces.len(), 2 * tokens);
 
     for node in nodes.into_iter().flatten() {
         node.kill();
