@@ -100,6 +100,9 @@ impl Checkpoint {
     /// has neither `model.safetensors` nor `model.safetensors.index.json`.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
         let dir = dir.as_ref().to_owned();
+        if dir.is_file() {
+            return Err(ModelError::NotAFolder { path: dir });
+        }
         if !dir.is_dir() {
             return Err(ModelError::NoCheckpoint { dir });
         }

@@ -65,8 +65,14 @@ pub enum ModelError {
         "invalid safetensors file {path}: {reason}; the file is damaged or incomplete: download or generate it again"
     )]
     Safetensors { path: PathBuf, reason: String },
-    #[error("checkpoint folder {dir} does not exist")]
+    #[error(
+        "checkpoint folder {dir} does not exist; pass the folder that holds config.json, or make one with `expertnet-sim make-checkpoint --out DIR`"
+    )]
     NoCheckpoint { dir: PathBuf },
+    #[error(
+        "{path} is a file, not a checkpoint folder; pass the folder that holds config.json and the safetensors files"
+    )]
+    NotAFolder { path: PathBuf },
     #[error(
         "{dir} has no config.json, so it is not a Hugging Face checkpoint folder; pass the folder that holds config.json and the safetensors files"
     )]
@@ -105,7 +111,7 @@ pub enum ModelError {
     #[error("layer {layer} expert {expert} is not listed in the manifest")]
     NotInManifest { layer: u32, expert: u32 },
     #[error(
-        "layer {layer} expert {expert}: weight digest {actual} differs from the manifest's {expected}; the checkpoint files were changed or belong to another model"
+        "layer {layer} expert {expert}: weight digest {actual} differs from the manifest's {expected}; the checkpoint files were changed or belong to another model. Restore the original files, or, if the change is intended, make a new manifest with `expertnet-node manifest --checkpoint DIR --force` (the model id changes with it)"
     )]
     DigestMismatch {
         layer: u32,

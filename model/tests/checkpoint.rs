@@ -300,4 +300,12 @@ fn missing_folders_are_named() {
 
     let error = Checkpoint::open(parent.path()).unwrap_err().to_string();
     assert!(error.contains("has no config.json"), "{error}");
+
+    let file = parent.path().join("config.json");
+    std::fs::write(&file, "{}").unwrap();
+    let error = Checkpoint::open(&file).unwrap_err().to_string();
+    assert!(
+        error.contains("is a file, not a checkpoint folder"),
+        "{error}"
+    );
 }

@@ -99,10 +99,10 @@ impl Announcer {
             check_port_free(address)?;
         }
         let mut swarm = p2p::build_swarm(key.keypair(), true, &config.dht)
-            .map_err(|reason| NodeError::Config(format!("cannot set up libp2p: {reason}")))?;
+            .map_err(|reason| NodeError::P2p(format!("cannot set up libp2p: {reason}")))?;
         for address in &config.listen {
             swarm.listen_on(address.clone()).map_err(|error| {
-                NodeError::Config(format!(
+                NodeError::P2p(format!(
                     "cannot listen for libp2p on {address}: {}",
                     describe_error(&error)
                 ))
@@ -124,7 +124,7 @@ impl Announcer {
             let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
                 .await
                 .map_err(|_| {
-                    NodeError::Config("libp2p listeners did not start within 10 s".to_owned())
+                    NodeError::P2p("libp2p listeners did not start within 10 s".to_owned())
                 })?;
             match event {
                 SwarmEvent::NewListenAddr { address, .. } => listen_addrs.push(address),
@@ -132,9 +132,7 @@ impl Announcer {
                 | SwarmEvent::ListenerClosed {
                     reason: Err(error), ..
                 } => {
-                    return Err(NodeError::Config(format!(
-                        "libp2p listener failed: {error}"
-                    )));
+                    return Err(NodeError::P2p(format!("libp2p listener failed: {error}")));
                 }
                 _ => {}
             }
@@ -561,7 +559,7 @@ fn check_port_free(address: &Multiaddr) -> Result<(), NodeError> {
         std::net::TcpListener::bind(socket).map(drop)
     };
     result.map_err(|error| {
-        NodeError::Config(format!(
+        NodeError::P2p(format!(
             "cannot listen for libp2p on {address}: {error}; choose another port with --p2p-listen, or stop the process that uses it"
         ))
     })

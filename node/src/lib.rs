@@ -57,6 +57,9 @@ pub enum NodeError {
     Key(#[from] KeyError),
     #[error("invalid node configuration: {0}")]
     Config(String),
+    /// libp2p could not start: a busy port, or a listener that failed.
+    #[error("{0}")]
+    P2p(String),
     #[error(
         "cannot listen for {what} on {address}: {error}; choose another address or port, or stop the process that uses it"
     )]

@@ -35,6 +35,7 @@ enum Command {
     /// Print the peer id of a key file, for building a bootstrap address
     /// (/ip4/HOST/tcp/PORT/p2p/PEER_ID).
     Id {
+        /// Key file made by `keygen` or by a node's first start.
         #[arg(long)]
         key: PathBuf,
     },
@@ -228,6 +229,15 @@ fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
     if let Ok(address) = text.parse() {
         return Ok(address);
     }
+    if let Some((_, port)) = text.rsplit_once(':')
+        && port
+            .parse::<u32>()
+            .is_ok_and(|port| port > u32::from(u16::MAX))
+    {
+        return Err(format!(
+            "port {port} in {text:?} is above 65535; use a port from 0 to 65535 (0 picks a free one)"
+        ));
+    }
     use std::net::ToSocketAddrs;
     text.to_socket_addrs()
         .ok()
@@ -361,6 +371,9 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A closed stderr (a log piped into `head`) must not stop the process: the
+        // subscriber's own error report would panic writing to the same stderr.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

@@ -26,6 +26,24 @@ struct ReasonLabel {
     reason: String,
 }
 
+/// Every `reason` label of the rejection counter, shown at 0 from the start so that a
+/// dashboard or an alert finds each series before the first rejection.
+const REJECTION_REASONS: [&str; 10] = [
+    "malformed",
+    "unknown_model",
+    "unknown_expert",
+    "hidden_size",
+    "non_finite_input",
+    "too_many_tokens",
+    "queue_full",
+    "shutting_down",
+    "compute_failed",
+    "message_too_large",
+];
+
+/// The `store` labels of the DHT store overflow counter.
+const DHT_STORES: [&str; 2] = ["records", "providers"];
+
 /// The node's metrics. Names carry the `expertnet_` prefix in the exposition.
 pub struct NodeMetrics {
     registry: Registry,
@@ -146,6 +164,22 @@ impl NodeMetrics {
             connected_peers.clone(),
         );
 
+        for reason in REJECTION_REASONS {
+            let _ = rejections.get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            });
+        }
+        for store in DHT_STORES {
+            let _ = store_overflows.get_or_create(&ReasonLabel {
+                reason: store.to_owned(),
+            });
+        }
+        for code in ["ok", "failed"] {
+            let _ = publications.get_or_create(&CodeLabel {
+                code: code.to_owned(),
+            });
+        }
+
         Self {
             registry,
             requests,
@@ -175,6 +209,10 @@ impl NodeMetrics {
     }
 
     pub(crate) fn record_rejection(&self, reason: &str) {
+        debug_assert!(
+            REJECTION_REASONS.contains(&reason),
+            "rejection reason {reason} missing from REJECTION_REASONS"
+        );
         self.rejections
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
@@ -207,6 +245,7 @@ impl NodeMetrics {
     }
 
     pub(crate) fn record_store_overflow(&self, store: &str) {
+        debug_assert!(DHT_STORES.contains(&store), "unknown DHT store {store}");
         self.store_overflows
             .get_or_create(&ReasonLabel {
                 reason: store.to_owned(),
@@ -352,4 +391,20 @@ fn respond(
 /// Binds the metrics listener.
 pub(crate) async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(address).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_metrics_show_every_reason() {
+        let text = NodeMetrics::new().encode();
+        for reason in REJECTION_REASONS {
+            let line = format!("expertnet_rejections_total{{reason=\"{reason}\"}} 0");
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
+        assert!(text.contains("expertnet_dht_store_overflows_total{reason=\"providers\"} 0"));
+        assert!(text.contains("expertnet_dht_publications_total{code=\"failed\"} 0"));
+    }
 }

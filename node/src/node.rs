@@ -233,6 +233,10 @@ impl Node {
     }
 }
 
+/// Maximum fixed batch wait a node accepts. A wait above the callers' deadline (5 s by
+/// default in the router) times every request out, so values far above it are mistakes.
+pub(crate) const MAX_BATCH_WAIT: Duration = Duration::from_secs(10);
+
 fn check_limits(config: &NodeConfig) -> Result<(), NodeError> {
     let limits = &config.limits;
     let positive = [
@@ -243,10 +247,18 @@ fn check_limits(config: &NodeConfig) -> Result<(), NodeError> {
     ];
     for (name, value) in positive {
         if value == 0 {
+            let flag = name.replace('_', "-");
             return Err(NodeError::Config(format!(
-                "{name} is 0; it must be at least 1"
+                "--{flag} ({name} in a config file) is 0; it must be at least 1"
             )));
         }
+    }
+    if limits.batch_wait > MAX_BATCH_WAIT {
+        return Err(NodeError::Config(format!(
+            "--batch-wait-us (batch_wait_us in a config file) is {} µs; it must be at most {} µs, because every forward pass may wait that long",
+            limits.batch_wait.as_micros(),
+            MAX_BATCH_WAIT.as_micros()
+        )));
     }
     if limits.max_message_bytes < MIN_MESSAGE_BYTES {
         return Err(NodeError::Config(format!(
@@ -262,7 +274,7 @@ fn check_limits(config: &NodeConfig) -> Result<(), NodeError> {
     }
     if config.threads == Some(0) {
         return Err(NodeError::Config(
-            "threads is 0; it must be at least 1".to_owned(),
+            "--threads (threads in a config file) is 0; it must be at least 1".to_owned(),
         ));
     }
     Ok(())
@@ -384,7 +396,12 @@ impl RunningNode {
 
         // Withdraw first, so clients stop choosing this node while it drains.
         if let Some(announcer) = self.announcer {
+            let started = std::time::Instant::now();
             announcer.withdraw(WITHDRAW_WAIT).await;
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "published the withdrawal of this node's record to the DHT"
+            );
         }
 
         let mut server = self.server;

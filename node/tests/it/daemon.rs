@@ -340,7 +340,7 @@ fn config_paths_are_relative_to_the_config_file() {
 fn bad_run_options_are_explained() {
     let dir = tempfile::tempdir().unwrap();
     common::checkpoint(dir.path(), DType::F32);
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 9] = [
         (
             &["--fault", "slow"],
             "unknown fault \"slow\"; known faults: delay=DURATION",
@@ -355,6 +355,15 @@ fn bad_run_options_are_explained() {
         ),
         (&["--max-message-bytes", "10"], "must be at least 65536"),
         (&["--grpc-listen", "nowhere"], "is not IP:PORT or HOST:PORT"),
+        (&["--grpc-listen", "127.0.0.1:99999"], "port 99999"),
+        (
+            &["--batch-wait-us", "99999999999"],
+            "it must be at most 10000000 µs",
+        ),
+        (
+            &["--threads", "0"],
+            "--threads (threads in a config file) is 0",
+        ),
         (
             &["--record-ttl", "10", "--republish-interval", "20"],
             "must be shorter than --record-ttl",
