@@ -99,7 +99,8 @@ impl DenseModel {
         if config.use_sliding_window == Some(true) {
             return Err(ModelError::Unsupported(
                 "config.json sets use_sliding_window to true; the client-side forward pass has \
-                 only full attention, so it cannot run this checkpoint"
+                 only full attention, so it does not support this checkpoint yet (editing \
+                 config.json would change the model id, and nodes would no longer match)"
                     .to_owned(),
             ));
         }
@@ -124,7 +125,9 @@ impl DenseModel {
         let shared_ffn = match (family, config.shared_expert_intermediate_size) {
             (Family::Qwen2Moe, Some(0) | None) => {
                 return Err(ModelError::Unsupported(
-                    "a qwen2_moe config needs shared_expert_intermediate_size above 0 for the shared expert"
+                    "config.json has model_type qwen2_moe but no shared_expert_intermediate_size \
+                     above 0; add the shared expert's width as the original checkpoint gives it, \
+                     or check that the folder holds a Qwen2-MoE checkpoint"
                         .to_owned(),
                 ));
             }

@@ -44,6 +44,31 @@ const REJECTION_REASONS: [&str; 10] = [
 /// The `store` labels of the DHT store overflow counter.
 const DHT_STORES: [&str; 2] = ["records", "providers"];
 
+/// Every `reason` label of the rejected DHT record counter: the node's own checks, then
+/// [`expertnet_proto::p2p::RecordError::reason`]'s.
+const RECORD_REJECTIONS: [&str; 9] = [
+    "unknown_key",
+    "older_sequence",
+    "too_large",
+    "malformed",
+    "peer_mismatch",
+    "bad_signature",
+    "future_timestamp",
+    "stale",
+    "invalid",
+];
+
+/// The gRPC status codes of Forward responses, listed at 0 from the start.
+const RESPONSE_CODES: [tonic::Code; 7] = [
+    tonic::Code::Ok,
+    tonic::Code::InvalidArgument,
+    tonic::Code::NotFound,
+    tonic::Code::ResourceExhausted,
+    tonic::Code::Unavailable,
+    tonic::Code::Internal,
+    tonic::Code::Cancelled,
+];
+
 /// The node's metrics. Names carry the `expertnet_` prefix in the exposition.
 pub struct NodeMetrics {
     registry: Registry,
@@ -169,6 +194,16 @@ impl NodeMetrics {
                 reason: reason.to_owned(),
             });
         }
+        for reason in RECORD_REJECTIONS {
+            let _ = records_rejected.get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            });
+        }
+        for code in RESPONSE_CODES {
+            let _ = requests.get_or_create(&CodeLabel {
+                code: format!("{code:?}"),
+            });
+        }
         for store in DHT_STORES {
             let _ = store_overflows.get_or_create(&ReasonLabel {
                 reason: store.to_owned(),
@@ -237,6 +272,10 @@ impl NodeMetrics {
     }
 
     pub(crate) fn record_rejected_record(&self, reason: &str) {
+        debug_assert!(
+            RECORD_REJECTIONS.contains(&reason),
+            "record rejection reason {reason} missing from RECORD_REJECTIONS"
+        );
         self.records_rejected
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
@@ -405,6 +444,8 @@ mod tests {
             assert!(text.contains(&line), "{line} missing from:\n{text}");
         }
         assert!(text.contains("expertnet_dht_store_overflows_total{reason=\"providers\"} 0"));
+        assert!(text.contains("expertnet_dht_records_rejected_total{reason=\"stale\"} 0"));
+        assert!(text.contains("expertnet_forward_requests_total{code=\"Ok\"} 0"));
         assert!(text.contains("expertnet_dht_publications_total{code=\"failed\"} 0"));
     }
 }

@@ -973,6 +973,20 @@ fn percentile(values: &mut [f64], q: f64) -> f64 {
     values[rank - 1]
 }
 
+/// Replaces control characters other than newline and tab with U+FFFD, so that generated
+/// text cannot move the terminal's cursor or change its state.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 async fn generate_text(args: &GenerateArgs) -> anyhow::Result<()> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
@@ -1034,13 +1048,19 @@ async fn generate_text(args: &GenerateArgs) -> anyhow::Result<()> {
             let text = tokenizer.decode(&produced);
             if text.len() > printed && text.is_char_boundary(printed) && !text.ends_with('\u{fffd}')
             {
-                print_flush(&text[printed..]);
+                print_flush(&printable(&text[printed..]));
                 printed = text.len();
             }
         }
     })
     .await?;
     if stream {
+        // The loop above holds back a multi-byte character cut off by the end of generation.
+        // Print the rest as the summary's text has it.
+        let text = tokenizer.decode(&generation.tokens);
+        if text.len() > printed && text.is_char_boundary(printed) {
+            print_flush(&printable(&text[printed..]));
+        }
         outln!();
     }
 
