@@ -121,6 +121,8 @@ impl DenseModel {
 
         let all_biases = config.attention_bias == Some(true);
         let qkv_bias = (family == Family::Qwen2Moe && config.qkv_bias != Some(false)) || all_biases;
+        // NOTE: generated checkpoints never set attention_bias, so the output-projection
+        // bias is loaded and added only for real checkpoints, untested here.
         let o_bias = all_biases && family != Family::Qwen2Moe;
         let shared_ffn = match (family, config.shared_expert_intermediate_size) {
             (Family::Qwen2Moe, Some(0) | None) => {

@@ -75,17 +75,35 @@ fn contiguous_f32<'a>(
 fn matmul_transposed(x: &[f32], w: &[f32], tokens: usize, m: usize, k: usize) -> Vec<f32> {
     // Results are produced row-major per weight row ([m, tokens]) so each task writes one
     // contiguous block, then transposed to [tokens, m].
-    let mut by_row = vec![0f32; m * tokens];
-    let rows = |(block, out): (usize, &mut [f32])| matmul_block(x, w, tokens, k, block, out);
-
-    let block = ROWS_PER_TASK * tokens;
-    if m * k * tokens >= PARALLEL_MIN_MACS {
-        by_row.par_chunks_mut(block).enumerate().for_each(rows);
-    } else {
-        by_row.chunks_mut(block).enumerate().for_each(&rows);
-    }
-
+    let by_row = by_row_blocks(tokens, m, m * k * tokens, |block, out| {
+        matmul_block(x, w, tokens, k, block, out);
+    });
     transpose_rows(by_row, tokens, m)
+}
+
+/// Fills an `[m, tokens]` buffer in blocks of `ROWS_PER_TASK` weight rows, calling
+/// `fill(block, rows)` for each, in parallel when the work (`macs` multiply-adds) is large
+/// enough to pay for it.
+fn by_row_blocks(
+    tokens: usize,
+    m: usize,
+    macs: usize,
+    fill: impl Fn(usize, &mut [f32]) + Send + Sync,
+) -> Vec<f32> {
+    let mut by_row = vec![0f32; m * tokens];
+    let block = ROWS_PER_TASK * tokens;
+    if macs >= PARALLEL_MIN_MACS {
+        by_row
+            .par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(index, rows)| fill(index, rows));
+    } else {
+        by_row
+            .chunks_mut(block)
+            .enumerate()
+            .for_each(|(index, rows)| fill(index, rows));
+    }
+    by_row
 }
 
 /// `silu(x · Gᵀ) * (x · Uᵀ)` for `x` of shape `[tokens, k]` and `G`, `U` of shape `[m, k]`,
@@ -141,16 +159,9 @@ fn gate_up_transposed(
     m: usize,
     k: usize,
 ) -> Vec<f32> {
-    let mut by_row = vec![0f32; m * tokens];
-    let rows =
-        |(block, out): (usize, &mut [f32])| gate_up_block(x, gate, up, tokens, k, block, out);
-
-    let block = ROWS_PER_TASK * tokens;
-    if 2 * m * k * tokens >= PARALLEL_MIN_MACS {
-        by_row.par_chunks_mut(block).enumerate().for_each(rows);
-    } else {
-        by_row.chunks_mut(block).enumerate().for_each(&rows);
-    }
+    let by_row = by_row_blocks(tokens, m, 2 * m * k * tokens, |block, out| {
+        gate_up_block(x, gate, up, tokens, k, block, out);
+    });
     transpose_rows(by_row, tokens, m)
 }
 

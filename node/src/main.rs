@@ -449,7 +449,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 let _ = node.shutdown().await;
                 return Err(error.into());
             }
-            tracing::info!(path = %key_path.display(), peer_id = %key.peer_id(), "saved the new node key, made at start");
+            tracing::info!(path = %key_path.display(), peer_id = %key.peer_id(), "saved the node key generated at start");
         }
         shutdown.await;
         node.shutdown().await?;

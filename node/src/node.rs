@@ -255,7 +255,7 @@ fn check_limits(config: &NodeConfig) -> Result<(), NodeError> {
     }
     if limits.batch_wait > MAX_BATCH_WAIT {
         return Err(NodeError::Config(format!(
-            "--batch-wait-us (batch_wait_us in a config file) is {} µs; it must be at most {} µs, because every forward pass may wait that long",
+            "--batch-wait-us (batch_wait_us in a config file) is {} µs; it must be at most {} µs, because a longer wait outlasts callers' deadlines and times every request out",
             limits.batch_wait.as_micros(),
             MAX_BATCH_WAIT.as_micros()
         )));

@@ -380,19 +380,7 @@ async fn concurrent_throughput(
         }));
     }
 
-    let started = Instant::now();
-    let cpu_before = process_cpu_seconds();
-    let mut requests = 0;
-    for task in tasks {
-        requests += task.await??;
-    }
-    let node_cpu_seconds = process_cpu_seconds() - cpu_before;
-    let elapsed = started.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        requests > 0,
-        "no request to the node completed within {:.3} s; use a larger --seconds",
-        options.concurrent_duration.as_secs_f64()
-    );
+    let node_phase = join_clients(tasks, "request to the node", options).await?;
 
     // The same clients against the echo service, with a one-token request as payload.
     let stop_at = Instant::now() + options.concurrent_duration;
@@ -409,33 +397,61 @@ async fn concurrent_throughput(
             Ok::<u64, tonic::Status>(done)
         }));
     }
-    let echo_started = Instant::now();
-    let cpu_before = process_cpu_seconds();
-    let mut echoes = 0;
-    for task in tasks {
-        echoes += task.await??;
-    }
-    let echo_cpu_seconds = process_cpu_seconds() - cpu_before;
-    let echo_elapsed = echo_started.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        echoes > 0,
-        "no echo call completed within {:.3} s; use a larger --seconds",
-        options.concurrent_duration.as_secs_f64()
-    );
+    let echo_phase = join_clients(tasks, "echo call", options).await?;
 
     Ok(ThroughputRow {
         hidden,
         ffn: expert.ffn_size(),
         clients,
-        node_tokens_per_s: requests as f64 / elapsed,
+        node_tokens_per_s: node_phase.calls as f64 / node_phase.seconds,
         local_batched_tokens_per_s,
-        echo_requests_per_s: echoes as f64 / echo_elapsed,
-        node_cores_busy: node_cpu_seconds / elapsed,
-        node_cpu_us_per_token: node_cpu_seconds * 1e6 / requests as f64,
-        echo_cpu_us_per_request: echo_cpu_seconds * 1e6 / echoes as f64,
+        echo_requests_per_s: echo_phase.calls as f64 / echo_phase.seconds,
+        node_cores_busy: node_phase.cpu_seconds / node_phase.seconds,
+        node_cpu_us_per_token: node_phase.cpu_seconds * 1e6 / node_phase.calls as f64,
+        echo_cpu_us_per_request: echo_phase.cpu_seconds * 1e6 / echo_phase.calls as f64,
         forward_passes: node.metrics().forward_passes() - passes_before,
-        requests,
+        requests: node_phase.calls,
     })
+}
+
+/// What a set of concurrent clients achieved.
+struct ClientPhase {
+    /// Calls completed.
+    calls: u64,
+    /// Wall time from when the clients were started.
+    seconds: f64,
+    /// CPU time of the whole process over the same span.
+    cpu_seconds: f64,
+}
+
+/// Waits for the client tasks, each returning its completed calls, and measures the wall
+/// and CPU time until the last one ends. `what` names one call in the error given when
+/// none completed.
+async fn join_clients<E>(
+    tasks: Vec<tokio::task::JoinHandle<Result<u64, E>>>,
+    what: &str,
+    options: &BenchOptions,
+) -> anyhow::Result<ClientPhase>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let started = Instant::now();
+    let cpu_before = process_cpu_seconds();
+    let mut calls = 0;
+    for task in tasks {
+        calls += task.await??;
+    }
+    let phase = ClientPhase {
+        calls,
+        seconds: started.elapsed().as_secs_f64(),
+        cpu_seconds: process_cpu_seconds() - cpu_before,
+    };
+    anyhow::ensure!(
+        phase.calls > 0,
+        "no {what} completed within {:.3} s; use a larger --seconds",
+        options.concurrent_duration.as_secs_f64()
+    );
+    Ok(phase)
 }
 
 /// Builds the one-token request of concurrent client `index`.

@@ -187,7 +187,7 @@ async fn sigterm_finishes_in_flight_requests() {
     let line = daemon.wait_for("node is serving");
     let address = grpc_address(&line);
     // The key file is written once the node has started.
-    daemon.wait_for("saved the new node key");
+    daemon.wait_for("saved the node key generated at start");
 
     #[cfg(unix)]
     {
